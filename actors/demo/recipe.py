@@ -1,0 +1,250 @@
+"""The recipe that produces the demo model pair: tokenizer, target LM, drafter.
+
+1. A byte-level BPE tokenizer trained on the standard library's training files.
+2. The target, a small Llama, trained with next-token cross-entropy.
+3. The drafter, a much smaller Llama, distilled from the target: forward KL to the target's
+   distribution (what decides speculative acceptance) plus a little cross-entropy.
+
+Each stage runs for a wall-clock budget, with the learning rate following the fraction of the
+budget spent, so the recipe fits whatever time the machine allows. Progress is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specserve.actors.demo.corpus import SourceFile, stdlib_root, stdlib_split
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Llama hyper-parameters for one member of the pair."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+# The target is deep enough that one decoding step costs several drafter steps; the drafter
+# keeps two thin layers so that drafting k tokens stays well under one target step.
+TARGET_SHAPE = ModelShape(384, 8, 6, 2, 1024)
+DRAFTER_SHAPE = ModelShape(160, 2, 4, 2, 448)
+
+
+@dataclass
+class RecipeConfig:
+    """Knobs of the demo recipe; defaults produce the committed pair."""
+
+    out_dir: Path
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 16
+    target_minutes: float = 40.0
+    drafter_minutes: float = 15.0
+    target_lr: float = 1.5e-3
+    drafter_lr: float = 3e-3
+    kd_weight: float = 0.8  # share of forward-KL in the drafter loss; the rest is cross-entropy
+    seed: int = 0
+    threads: int = 2
+    stats: dict = field(default_factory=dict)
+
+
+def train_tokenizer(files: list[SourceFile], vocab_size: int):
+    """Byte-level BPE over the training files, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((f.text for f in files), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None
+    )
+
+
+def encode_corpus(tokenizer, files: list[SourceFile]) -> torch.Tensor:
+    """All files as one token stream, EOS between files.  # [n_tokens] int64"""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    texts = [f.text for f in files]
+    for start in range(0, len(texts), 256):
+        for row in tokenizer(texts[start : start + 256])["input_ids"]:
+            ids.extend(row)
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def llama_config(shape: ModelShape, tokenizer, seq_len: int):
+    """A LlamaConfig for `shape` sized to the tokenizer, with tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **asdict(shape),
+    )
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
+    """Linear warm-up then cosine decay to a tenth of `peak`, as a function of budget spent."""
+    if progress < warmup:
+        return peak * progress / warmup
+    t = min(1.0, (progress - warmup) / (1 - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def batches(tokens: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator):
+    """Endless random windows of `seq_len + 1` tokens.  # [batch, seq_len + 1]"""
+    span = seq_len + 1
+    while True:
+        starts = torch.randint(0, len(tokens) - span, (batch_size,), generator=gen)
+        yield torch.stack([tokens[s : s + span] for s in starts.tolist()])
+
+
+def train_for(model, loss_fn, data, minutes: float, peak_lr: float, name: str) -> float:
+    """Train `model` with AdamW until the time budget is spent; return the final mean loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    budget, start, step, recent = minutes * 60.0, time.monotonic(), 0, []
+    model.train()
+    while (elapsed := time.monotonic() - start) < budget:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / budget, peak_lr)
+        loss = loss_fn(model, next(data))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        recent = (recent + [loss.item()])[-50:]
+        if step % 25 == 0:
+            log.info("%s step %d  %.0f/%.0fs  loss %.4f", name, step, elapsed, budget, sum(recent) / len(recent))
+    model.eval()
+    return sum(recent) / max(1, len(recent)), step
+
+
+def ce_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy.  batch: [B, T+1]"""
+    logits = model(input_ids=batch[:, :-1]).logits  # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def kd_loss_fn(teacher, kd_weight: float):
+    """Forward KL(p_target || q_drafter) mixed with cross-entropy on the data."""
+
+    def loss(model, batch: torch.Tensor) -> torch.Tensor:
+        inputs, labels = batch[:, :-1], batch[:, 1:].flatten()
+        with torch.no_grad():
+            p_log = F.log_softmax(teacher(input_ids=inputs).logits.float(), -1).flatten(0, 1)
+        q_log = F.log_softmax(model(input_ids=inputs).logits, -1).flatten(0, 1)
+        kl = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean")
+        return kd_weight * kl + (1 - kd_weight) * F.nll_loss(q_log, labels)
+
+    return loss
+
+
+@torch.no_grad()
+def eval_loss(model, tokens: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    """Mean next-token cross-entropy over consecutive held-out windows."""
+    span, losses = seq_len + 1, []
+    for i in range(min(max_windows, (len(tokens) - 1) // span)):
+        window = tokens[i * span : (i + 1) * span].unsqueeze(0)
+        losses.append(ce_loss(model, window).item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def greedy_agreement(target, drafter, tokens: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    """Share of held-out positions where the drafter's argmax equals the target's argmax."""
+    span, hits, total = seq_len + 1, 0, 0
+    for i in range(min(max_windows, (len(tokens) - 1) // span)):
+        ids = tokens[i * span : (i + 1) * span - 1].unsqueeze(0)
+        a = target(input_ids=ids).logits.argmax(-1)
+        b = drafter(input_ids=ids).logits.argmax(-1)
+        hits += int((a == b).sum())
+        total += a.numel()
+    return hits / total
+
+
+def run_recipe(cfg: RecipeConfig) -> dict:
+    """Build the demo pair into `cfg.out_dir/{target,drafter}` and return the recipe stats."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    train_files, held_files = stdlib_split()
+    log.info("corpus: %d training files, %d held-out files", len(train_files), len(held_files))
+    tokenizer = train_tokenizer(train_files, cfg.vocab_size)
+    train_tokens = encode_corpus(tokenizer, train_files)
+    held_tokens = encode_corpus(tokenizer, held_files)
+    log.info("tokens: %d train, %d held-out", len(train_tokens), len(held_tokens))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = batches(train_tokens, cfg.seq_len, cfg.batch_size, gen)
+    tokens_per_step = cfg.seq_len * cfg.batch_size
+
+    target = LlamaForCausalLM(llama_config(TARGET_SHAPE, tokenizer, cfg.seq_len))
+    t_loss, t_steps = train_for(target, ce_loss, data, cfg.target_minutes, cfg.target_lr, "target")
+    drafter = LlamaForCausalLM(llama_config(DRAFTER_SHAPE, tokenizer, cfg.seq_len))
+    target.requires_grad_(False)
+    d_loss, d_steps = train_for(
+        drafter, kd_loss_fn(target, cfg.kd_weight), data, cfg.drafter_minutes, cfg.drafter_lr, "drafter"
+    )
+    stats = {
+        "stdlib_root": str(stdlib_root()),
+        "train_files": len(train_files),
+        "held_out_files": len(held_files),
+        "train_corpus_tokens": len(train_tokens),
+        "target": {
+            "parameters": sum(p.numel() for p in target.parameters()),
+            "steps": t_steps,
+            "tokens_seen": t_steps * tokens_per_step,
+            "final_train_loss": round(t_loss, 4),
+            "held_out_loss": round(eval_loss(target, held_tokens, cfg.seq_len), 4),
+        },
+        "drafter": {
+            "parameters": sum(p.numel() for p in drafter.parameters()),
+            "steps": d_steps,
+            "tokens_seen": d_steps * tokens_per_step,
+            "final_train_loss_kd_mix": round(d_loss, 4),
+            "held_out_loss": round(eval_loss(drafter, held_tokens, cfg.seq_len), 4),
+        },
+        "held_out_greedy_top1_agreement": round(greedy_agreement(target, drafter, held_tokens, cfg.seq_len), 4),
+    }
+    save_pair(cfg.out_dir, tokenizer, target, drafter, train_files, stats)
+    return stats
+
+
+def save_pair(out_dir: Path, tokenizer, target, drafter, train_files: list[SourceFile], stats: dict) -> None:
+    """Write both checkpoints (safetensors, config, tokenizer), the manifest and the stats."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, model in (("target", target), ("drafter", drafter)):
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out_dir / name, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / name)
+    (out_dir / "train_manifest.txt").write_text("\n".join(f.relpath for f in train_files) + "\n")
+    (out_dir / "recipe_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
