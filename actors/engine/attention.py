@@ -1,0 +1,87 @@
+"""The project's attention, registered into transformers' attention interface.
+
+transformers' attention layers project q/k/v, apply their position encoding, hand the new keys
+and values to our `KVCache.update`, and call this function. The mask is ours too: every new
+position sees the sequence's cached prefix plus the new positions its row of the block mask
+allows (a chain is lower-triangular; a token tree lets each node see only its ancestors).
+Building it once per forward in `BlockMask.build` keeps transformers' own mask code out of the
+hot path, and one implementation serves every architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "specserve"
+
+
+@dataclass
+class BlockMask:
+    """Which cached positions each new position may attend to.
+
+    allowed:   [batch, 1, n, kv_len] bool, or None when every key is visible (one new token)
+    q_pos:     [batch, n] logical positions of the queries (for sliding windows)
+    k_pos:     [batch, kv_len] logical positions of the keys
+    """
+
+    allowed: torch.Tensor | None
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    _windowed: dict = field(default_factory=dict)
+
+    @staticmethod
+    def build(prefix_len: torch.Tensor, block: torch.Tensor, positions: torch.Tensor, kv_len: int) -> "BlockMask":
+        """prefix_len: [batch] cached tokens before the block; block: [batch, n, n] bool mask
+        among the new positions; positions: [batch, n] logical positions of the new tokens."""
+        batch, n = positions.shape
+        dev = positions.device
+        slot_idx = torch.arange(kv_len, device=dev)  # [kv_len] storage index in the row
+        in_prefix = slot_idx.unsqueeze(0) < prefix_len.unsqueeze(1)  # [batch, kv_len]
+        j = slot_idx.unsqueeze(0) - prefix_len.unsqueeze(1)  # [batch, kv_len] index in the block
+        in_block = (j >= 0) & (j < n)
+        block_cols = block.gather(2, j.clamp(0, n - 1).unsqueeze(1).expand(batch, n, kv_len))  # [batch, n, kv_len]
+        allowed = in_prefix.unsqueeze(1) | (in_block.unsqueeze(1) & block_cols)
+        k_pos = torch.where(in_block, positions.gather(1, j.clamp(0, n - 1)), slot_idx.unsqueeze(0))
+        if n == 1 and bool(allowed.all()):
+            return BlockMask(None, positions, k_pos)
+        return BlockMask(allowed.unsqueeze(1), positions, k_pos)
+
+    def for_window(self, window: int | None) -> torch.Tensor | None:
+        """The mask restricted to keys within a sliding window of the query (as transformers)."""
+        if window is None:
+            return self.allowed
+        if window not in self._windowed:
+            near = self.k_pos.unsqueeze(1) > self.q_pos.unsqueeze(2) - window  # [batch, n, kv_len]
+            base = self.allowed if self.allowed is not None else torch.ones_like(near).unsqueeze(1)
+            self._windowed[window] = base & near.unsqueeze(1)
+        return self._windowed[window]
+
+
+def specserve_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [batch, heads, n, head_dim]
+    key: torch.Tensor,  # [batch, kv_heads, kv_len, head_dim]
+    value: torch.Tensor,  # [batch, kv_heads, kv_len, head_dim]
+    attention_mask: torch.Tensor | None,  # transformers' mask: unused, ours comes in block_mask
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    block_mask: BlockMask | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Scaled dot-product attention of the new positions over cache + block."""
+    if block_mask is None:
+        raise RuntimeError("specserve attention needs a block_mask; run models through ModelRunner")
+    mask = block_mask.for_window(sliding_window)
+    out = F.scaled_dot_product_attention(
+        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None  # [batch, n, heads, head_dim]
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, specserve_attention)

@@ -1,0 +1,135 @@
+"""ModelRunner: a Hugging Face causal LM driven with the project's KV cache and attention.
+
+One code path for every supported architecture (Llama, Qwen2, Mistral, GPT-2 families): the
+model is transformers' own class with `attn_implementation="specserve"`; we pass explicit
+position ids, our `KVCache` as `past_key_values`, and our `BlockMask` through transformers'
+attention kwargs. A forward takes several sequences of different cached lengths, each adding
+`n` new positions (a verification block) under an arbitrary per-sequence mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specserve.actors.engine import attention  # noqa: F401  (registers the attention function)
+from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask
+from specserve.actors.engine.kv_cache import CacheShape, KVCache, StepLayout
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Capacity of one runner."""
+
+    max_num_seqs: int = 8  # sequences resident in the KV cache at once
+    max_seq_len: int = 2048  # prompt + generated tokens per sequence
+    kv_budget_bytes: int | None = None  # refuse to start when the cache would exceed this
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a local checkpoint directory with transformers' own class and our attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    return model.to(device).eval()
+
+
+def cache_shape(model, dtype: torch.dtype) -> CacheShape:
+    """KV geometry of any supported architecture, from its config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return CacheShape(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+
+
+class ModelRunner:
+    """Owns a model and its KV cache; runs batched multi-position forwards."""
+
+    def __init__(self, model, cfg: RunnerConfig = RunnerConfig()):
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.model = model
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.vocab_size = model.config.vocab_size
+        self.cache = KVCache(cache_shape(model, cfg.dtype), cfg.max_num_seqs, cfg.max_seq_len,
+                             self.device, cfg.kv_budget_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: RunnerConfig = RunnerConfig()) -> "ModelRunner":
+        """A runner for the checkpoint directory at `path`."""
+        return cls(load_model(path, cfg.dtype, cfg.device), cfg)
+
+    # -- sequence bookkeeping -----------------------------------------------------------------
+
+    def add_sequence(self) -> int:
+        """Reserve a cache slot; returns its id."""
+        return self.cache.allocate()
+
+    def free(self, slot: int) -> None:
+        """Release a finished sequence's slot for reuse."""
+        self.cache.release(slot)
+
+    def length(self, slot: int) -> int:
+        """Tokens currently cached for the sequence."""
+        return self.cache.lengths[slot]
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll the sequence back to `length` cached tokens (O(1))."""
+        self.cache.truncate(slot, length)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        slots: list[int],
+        tokens: torch.Tensor,  # [batch, n] int64; rows shorter than n are right-padded
+        n_valid: list[int] | None = None,  # real new tokens per row (default: all n)
+        block: torch.Tensor | None = None,  # [batch, n, n] bool mask among new tokens (default: chain)
+        depth: torch.Tensor | None = None,  # [batch, n] position offset of each new token (default: j)
+        logits_to_keep: int = 0,  # 0 = logits at every position, else the last ones only
+    ) -> torch.Tensor:
+        """Append each row's valid tokens to its sequence and return logits.  # [batch, n', vocab]"""
+        batch, n = tokens.shape
+        n_valid = n_valid or [n] * batch
+        for slot, nv in zip(slots, n_valid):
+            self.cache.check_room(slot, nv)
+        prefix = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.long)
+        offsets = torch.arange(n).expand(batch, n)
+        if block is None:
+            block = chain_block(n_valid, n)
+        positions = prefix.unsqueeze(1) + (offsets if depth is None else depth)
+        kv_len = int(prefix.max()) + n
+        mask = BlockMask.build(prefix, block, positions, kv_len)
+        self.cache.layout = StepLayout(torch.tensor(slots, dtype=torch.long), prefix.unsqueeze(1) + offsets, kv_len)
+        out = self.model(
+            input_ids=tokens.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            block_mask=mask,
+        )
+        for slot, nv in zip(slots, n_valid):
+            self.cache.lengths[slot] += nv
+        return out.logits
+
+
+def chain_block(n_valid: list[int], n: int) -> torch.Tensor:
+    """Causal mask among new tokens; padding positions see only themselves.  # [batch, n, n]"""
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if all(nv == n for nv in n_valid):
+        return causal.expand(len(n_valid), n, n)
+    valid = torch.arange(n).unsqueeze(0) < torch.tensor(n_valid).unsqueeze(1)  # [batch, n]
+    pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+    return (causal & pair) | torch.eye(n, dtype=torch.bool)
