@@ -49,6 +49,16 @@ class Sequence:
 
 
 @dataclass
+class Timing:
+    """Wall time the engine spent drafting and verifying, for benchmarks and the cost model."""
+
+    draft_s: float = 0.0
+    draft_forwards: int = 0
+    verify_s: float = 0.0
+    verify_steps: int = 0
+
+
+@dataclass
 class StepOutput:
     """Tokens a sequence gained in one step, and its finish reason once done."""
 
@@ -69,6 +79,7 @@ class SpeculativeEngine:
         self.cost = CostModel(policy, rtt_s)
         self.eos_ids = _eos_ids(target.model.config, tokenizer)
         self.seqs: dict[int, Sequence] = {}
+        self.timing = Timing()
         self._next_id = 0
 
     # -- admission -------------------------------------------------------------------------------
@@ -130,7 +141,10 @@ class SpeculativeEngine:
             return [Draft([]) for _ in seqs]
         t0 = time.perf_counter()
         drafts = self.drafter.propose([DraftRequest(s.seq_id, k) for s, k in zip(seqs, ks)])
-        self.cost.observe_draft(max(d.forwards for d in drafts), time.perf_counter() - t0)
+        elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
+        self.cost.observe_draft(forwards, elapsed)
+        self.timing.draft_s += elapsed
+        self.timing.draft_forwards += forwards
         return drafts
 
     def step(self) -> list[StepOutput]:
@@ -148,7 +162,10 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         logits = self.target.forward([s.slot for s in seqs], tokens, n_valid)  # [batch, n, vocab]
         num_acc, next_tok = self._verify(seqs, drafts, tokens, logits)
-        self.cost.observe_verify(n, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self.cost.observe_verify(n, elapsed)
+        self.timing.verify_s += elapsed
+        self.timing.verify_steps += 1
         return [self._commit(s, d, length, a, t) for s, d, length, a, t in
                 zip(seqs, drafts, lengths, num_acc.tolist(), next_tok.tolist())]
 

@@ -1,0 +1,62 @@
+"""Assemble an engine from checkpoint paths and a drafter choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specserve.actors.engine.draft_length import DraftLengthConfig
+from specserve.actors.engine.drafters import BaseDrafter, ModelDrafter, NgramDrafter
+from specserve.actors.engine.engine import SpeculativeEngine
+from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+
+DRAFTER_KINDS = ("model", "ngram", "none")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to build an in-process engine."""
+
+    target: Path
+    drafter: str = "model"  # "model" | "ngram" | "none"
+    drafter_path: Path | None = None  # checkpoint of the model drafter
+    max_num_seqs: int = 8
+    max_seq_len: int = 2048
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    k_max: int = 8
+    confidence_threshold: float = 0.4
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer stored in a checkpoint directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
+    """The drafter `spec` asks for, checked to share the target's vocabulary."""
+    if spec.drafter not in DRAFTER_KINDS:
+        raise ValueError(f"drafter must be one of {DRAFTER_KINDS}, not {spec.drafter!r}")
+    if spec.drafter == "none":
+        return None
+    if spec.drafter == "ngram":
+        return NgramDrafter()
+    if spec.drafter_path is None:
+        raise ValueError("the model drafter needs a checkpoint path")
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device)
+    runner = ModelRunner.from_pretrained(spec.drafter_path, cfg)
+    if runner.vocab_size != target_vocab:
+        raise ValueError(f"drafter vocabulary ({runner.vocab_size}) differs from the target's ({target_vocab})")
+    return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold)
+
+
+def build_engine(spec: EngineSpec) -> SpeculativeEngine:
+    """Load the target (and drafter) and return a ready engine."""
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device)
+    target = ModelRunner.from_pretrained(spec.target, cfg)
+    drafter = build_drafter(spec, target.vocab_size)
+    return SpeculativeEngine(target, load_tokenizer(spec.target), drafter, DraftLengthConfig(k_max=spec.k_max))

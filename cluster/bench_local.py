@@ -1,0 +1,200 @@
+"""`specserve bench`: in-process speculative decoding against plain decoding and its peers.
+
+All modes run on the same prompts in the same process, interleaved prompt by prompt so that
+machine noise hits every mode alike:
+  plain        our engine, target only (k = 0)
+  model        our engine with the model drafter
+  ngram        our engine with the n-gram (prompt lookup) drafter
+  hf-greedy    transformers `generate`, target only (reference)
+  hf-assisted  transformers assisted generation (`assistant_model`) with the same pair (peer)
+Efficiency is the measured speedup over plain divided by the analytic bound
+(1 - a^(k+1)) / ((1 - a)(k c + 1)) at the measured acceptance a, mean draft length k and
+cost ratio c (one draft step / one plain target step).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specserve.actors.demo import WEIGHTS_DIR, demo_path
+from specserve.actors.demo.corpus import is_held_out, iter_python_files, stdlib_root
+from specserve.actors.engine.build import EngineSpec, build_engine
+from specserve.actors.engine.request import make_params
+
+ENGINE_MODES = ("plain", "model", "ngram")
+HF_MODES = ("hf-greedy", "hf-assisted")
+
+
+def held_out_files():
+    """Standard-library files the demo pair was not trained on (per its training manifest)."""
+    manifest = WEIGHTS_DIR / "train_manifest.txt"
+    trained = set(manifest.read_text().split("\n")) if manifest.exists() else None
+    for f in iter_python_files(stdlib_root()):
+        if (f.relpath not in trained) if trained is not None else is_held_out(f.relpath):
+            yield f
+
+
+def code_prompts(tokenizer, count: int, max_prompt_tokens: int = 96, seed: int = 0) -> list[list[int]]:
+    """Prompts that end with a `def` line of held-out code, so the model writes a function body."""
+    rng = random.Random(seed)
+    files = list(held_out_files())
+    rng.shuffle(files)
+    prompts = []
+    for f in files:
+        lines = f.text.splitlines(keepends=True)
+        defs = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
+        if not defs:
+            continue
+        i = rng.choice(defs)
+        ids = tokenizer("".join(lines[max(0, i - 12) : i + 1]))["input_ids"]
+        prompts.append(ids[-max_prompt_tokens:])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+@dataclass
+class ModeTotals:
+    """What one mode accumulated over all prompts."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    draft_s: float = 0.0
+    draft_forwards: int = 0
+    verify_s: float = 0.0
+    verify_steps: int = 0
+    matches_plain: int = 0
+    outputs: list = field(default_factory=list)
+
+
+def analytic_bound(a: float, k: float, c: float) -> float:
+    """Expected speedup of speculative decoding: (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+    gain = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+    return gain / (k * c + 1)
+
+
+def _run_engine(engine, prompt, params, totals: ModeTotals) -> None:
+    t_before = (engine.timing.draft_s, engine.timing.draft_forwards, engine.timing.verify_s, engine.timing.verify_steps)
+    start = time.perf_counter()
+    [res] = engine.generate([prompt], params)
+    totals.seconds += time.perf_counter() - start
+    totals.tokens += len(res.token_ids)
+    totals.drafted += res.stats.drafted
+    totals.accepted += res.stats.accepted
+    totals.steps += res.stats.steps
+    totals.draft_s += engine.timing.draft_s - t_before[0]
+    totals.draft_forwards += engine.timing.draft_forwards - t_before[1]
+    totals.verify_s += engine.timing.verify_s - t_before[2]
+    totals.verify_steps += engine.timing.verify_steps - t_before[3]
+    totals.outputs.append(res.token_ids)
+
+
+@torch.inference_mode()
+def _run_hf(target, assistant, prompt, max_tokens, eos, totals: ModeTotals) -> None:
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+    start = time.perf_counter()
+    out = target.generate(ids, **kwargs)
+    totals.seconds += time.perf_counter() - start
+    toks = out[0, len(prompt):].tolist()
+    totals.tokens += len(toks)
+    totals.outputs.append(toks)
+
+
+def _hf_models():
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(demo_path("target"), dtype=torch.float32).eval()
+    drafter = AutoModelForCausalLM.from_pretrained(demo_path("drafter"), dtype=torch.float32).eval()
+    return target, drafter
+
+
+def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, threshold: float = 0.4,
+              include_hf: bool = True, seed: int = 0, progress=print) -> dict:
+    """Run every mode over the same prompts; returns the table rows and the settings."""
+    engines = {}
+    for mode in ENGINE_MODES:
+        spec = EngineSpec(demo_path("target"), mode if mode != "plain" else "none",
+                          demo_path("drafter") if mode == "model" else None, max_num_seqs=2,
+                          k_max=k_max, confidence_threshold=threshold)
+        engines[mode] = build_engine(spec)
+    tokenizer = engines["plain"].tokenizer
+    eos = tokenizer.eos_token_id
+    hf = _hf_models() if include_hf else None
+    prompts = code_prompts(tokenizer, num_prompts, seed=seed)
+    params = make_params(max_tokens=max_tokens)
+    modes = list(ENGINE_MODES) + (list(HF_MODES) if include_hf else [])
+    totals = {m: ModeTotals() for m in modes}
+    for eng in engines.values():  # warm-up: first calls allocate and fill caches
+        eng.generate([prompts[0][:16]], make_params(max_tokens=8))
+    for i, prompt in enumerate(prompts):
+        for mode in modes:
+            if mode in engines:
+                _run_engine(engines[mode], prompt, params, totals[mode])
+            else:
+                _run_hf(hf[0], hf[1] if mode == "hf-assisted" else None, prompt, max_tokens, eos, totals[mode])
+        progress(f"prompt {i + 1}/{len(prompts)} done")
+    return {"settings": {"prompts": len(prompts), "max_tokens": max_tokens, "k_max": k_max,
+                         "confidence_threshold": threshold, "threads": torch.get_num_threads()},
+            "rows": _rows(totals)}
+
+
+def _rows(totals: dict[str, ModeTotals]) -> list[dict]:
+    plain = totals["plain"]
+    plain_tps = plain.tokens / plain.seconds
+    t_target = plain.verify_s / max(plain.verify_steps, 1)
+    rows = []
+    for mode, t in totals.items():
+        tps = t.tokens / t.seconds if t.seconds else 0.0
+        row = {"mode": mode, "tokens": t.tokens, "seconds": round(t.seconds, 3), "tokens_per_s": round(tps, 2),
+               "speedup": round(tps / plain_tps, 3),
+               "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / max(len(plain.outputs), 1)}
+        if t.steps and t.drafted:
+            a = t.accepted / t.drafted
+            k = t.drafted / t.steps
+            c = (t.draft_s / max(t.draft_forwards or t.drafted, 1)) / t_target
+            bound = analytic_bound(a, k, c)
+            row.update(acceptance_rate=round(a, 4), mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3),
+                       mean_draft_length=round(k, 3), cost_ratio_c=round(c, 4), analytic_bound=round(bound, 3),
+                       efficiency=round(row["speedup"] / bound, 3))
+        rows.append(row)
+    return rows
+
+
+def format_table(report: dict) -> str:
+    """The rows as a fixed-width text table."""
+    cols = ["mode", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length", "mean_draft_length",
+            "cost_ratio_c", "analytic_bound", "efficiency", "matches_plain"]
+    head = ["mode", "tok/s", "speedup", "accept", "mean_acc_len", "k", "c", "bound", "efficiency", "=plain"]
+    lines = ["  ".join(f"{h:>12}" for h in head)]
+    for r in report["rows"]:
+        lines.append("  ".join(f"{_fmt(r.get(c)):>12}" for c in cols))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def bench_main(args) -> int:
+    """CLI entry: run, print the table, write JSON."""
+    report = run_bench(args.prompts, args.max_tokens, args.k_max, args.threshold, not args.no_hf, args.seed)
+    print(format_table(report))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
