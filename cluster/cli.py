@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     p = sub.add_parser("train-demo", help="train the demo tokenizer, target and drafter from stdlib sources")
     p.add_argument("--out", required=True, help="output directory (gets target/ and drafter/)")
-    p.add_argument("--target-minutes", type=float, default=38.0, help="wall-clock budget for the target")
-    p.add_argument("--drafter-minutes", type=float, default=12.0, help="wall-clock budget for the drafter")
+    p.add_argument("--target-minutes", type=float, default=60.0, help="wall-clock budget for the target")
+    p.add_argument("--drafter-minutes", type=float, default=15.0, help="wall-clock budget for the drafter")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.set_defaults(func=_train_demo)
     return parser

@@ -23,7 +23,7 @@ def sampling_probs(
     logits: torch.Tensor,  # [..., vocab]
     temperature: torch.Tensor,  # [...] > 0
     top_k: torch.Tensor,  # [...] int, 0 = off
-    top_p: torch.Tensor,  # [...] in (0, 1], 1 = off
+    top_p: torch.Tensor,  # [...] float64 in (0, 1], 1 = off
 ) -> torch.Tensor:
     """The request's distribution p over the vocabulary.  # [..., vocab] float32"""
     scores = logits.float() / temperature.unsqueeze(-1)
@@ -46,7 +46,10 @@ def _top_p_filter(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of top tokens whose mass reaches top_p (at least one token)."""
     sorted_scores, sorted_idx = torch.sort(scores, descending=False, dim=-1)
     cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cum <= (1 - top_p).unsqueeze(-1)
+    # 1 - top_p in double precision, then rounded, as transformers compares it: a float32 top_p
+    # would move the cut-off by one ulp and keep an extra tied token
+    threshold = (1 - top_p.to(torch.float64)).to(cum.dtype)
+    remove_sorted = cum <= threshold.unsqueeze(-1)
     remove_sorted[..., -1] = False  # the most likely token always stays
     remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
     return scores.masked_fill(remove, float("-inf"))

@@ -41,21 +41,42 @@ def verify_greedy(
     return num_accepted, next_token
 
 
-def verify_sampled(
+def accept_drafts(
     p: torch.Tensor,  # [batch, k+1, vocab] target distribution at each position
     q: torch.Tensor,  # [batch, k, vocab] draft distribution each draft token was sampled from
     draft_tokens: torch.Tensor,  # [batch, k]
     draft_len: torch.Tensor,  # [batch]
     uniforms: torch.Tensor,  # [batch, k] U(0, 1) for the accept tests
-    noise: torch.Tensor,  # [batch, vocab] Exp(1) for sampling the recovered or bonus token
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_accepted [batch], next_token [batch]) for speculative sampling."""
+) -> torch.Tensor:
+    """num_accepted [batch]: draft i is kept with probability min(1, p_i(d_i) / q_i(d_i))."""
     idx = draft_tokens.unsqueeze(-1)  # [batch, k, 1]
     p_draft = p[:, :-1].gather(-1, idx).squeeze(-1)  # [batch, k]
     q_draft = q.gather(-1, idx).squeeze(-1)  # [batch, k]
     # accept iff u * q(d) <= p(d): the same event as u <= p/q, without dividing by q
-    num_accepted = _first_rejection(uniforms * q_draft <= p_draft, draft_len)
+    return _first_rejection(uniforms * q_draft <= p_draft, draft_len)
 
+
+def verify_sampled(
+    p: torch.Tensor,  # [batch, k+1, vocab]
+    q: torch.Tensor,  # [batch, k, vocab]
+    draft_tokens: torch.Tensor,  # [batch, k]
+    draft_len: torch.Tensor,  # [batch]
+    uniforms: torch.Tensor,  # [batch, k]
+    noise: torch.Tensor,  # [batch, vocab] Exp(1) for sampling the recovered or bonus token
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_accepted [batch], next_token [batch]) for speculative sampling."""
+    num_accepted = accept_drafts(p, q, draft_tokens, draft_len, uniforms)
+    return num_accepted, sample_next(p, q, num_accepted, draft_len, noise)
+
+
+def sample_next(
+    p: torch.Tensor,  # [batch, k+1, vocab]
+    q: torch.Tensor,  # [batch, k, vocab]
+    num_accepted: torch.Tensor,  # [batch]
+    draft_len: torch.Tensor,  # [batch]
+    noise: torch.Tensor,  # [batch, vocab] Exp(1)
+) -> torch.Tensor:
+    """The recovered token (from the residual) after a rejection, else the bonus token from p."""
     rows = torch.arange(p.shape[0], device=p.device)
     p_next = p[rows, num_accepted]  # [batch, vocab]
     rejected = num_accepted < draft_len  # [batch]
@@ -66,4 +87,4 @@ def verify_sampled(
     residual = torch.where(has_mass, residual, p_next)
     final = torch.where(rejected.unsqueeze(-1), residual, p_next)
     # sample_from needs no normalisation: argmax(r / E) samples from r / sum(r)
-    return num_accepted, sample_from(final, noise)
+    return sample_from(final, noise)

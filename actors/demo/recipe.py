@@ -54,8 +54,8 @@ class RecipeConfig:
     vocab_size: int = 8192
     seq_len: int = 256
     batch_size: int = 16
-    target_minutes: float = 38.0
-    drafter_minutes: float = 12.0
+    target_minutes: float = 60.0
+    drafter_minutes: float = 15.0
     target_lr: float = 1.5e-3
     drafter_lr: float = 3e-3
     kd_weight: float = 0.8  # share of forward-KL in the drafter loss; the rest is cross-entropy

@@ -24,6 +24,7 @@ class DraftLengthConfig:
     alpha_ema: float = 0.3  # weight of the latest step in the alpha estimate
     time_ema: float = 0.1  # weight of the latest measurement in the cost model
     recovery: float = 0.05  # per-step drift of an idle sequence's alpha back to the prior
+    fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
 
 
 class CostModel:
@@ -57,8 +58,10 @@ class CostModel:
         if len(known) == 1:
             return self.verify_s[known[0]]  # optimistic until a second size is measured
         lo, hi = known[0], known[-1]
+        if n < lo:
+            return self.verify_s[lo]  # never extrapolate below a measurement: it could reach zero
         slope = max(0.0, (self.verify_s[hi] - self.verify_s[lo]) / (hi - lo))
-        base = max((m for m in known if m < n), default=lo)
+        base = max(m for m in known if m < n)
         return self.verify_s[base] + slope * (n - base)
 
     def step_time(self, k: int) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specserve.actors.engine import randomness
 from specserve.actors.engine.request import SamplingParams
 from specserve.actors.engine.runner import ModelRunner
 from specserve.kernels.sampling import sample_from, sampling_probs, truncate_top_m
@@ -44,16 +45,11 @@ class SeqState:
 
     context: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    seed: int
+    prompt_len: int
     last_draft: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot (model drafter)
     fed: int = 0  # context tokens already in the drafter's KV cache (model drafter)
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else torch.seed())
-    return gen
 
 
 class BaseDrafter:
@@ -66,8 +62,8 @@ class BaseDrafter:
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Begin drafting for a new sequence."""
-        seed = None if params.seed is None else (params.seed * 1_000_003 + 7) % 2**63
-        self.seqs[seq_id] = SeqState(list(prompt_ids), params, _generator(seed))
+        seed = params.seed if params.seed is not None else randomness.fresh_seed()
+        self.seqs[seq_id] = SeqState(list(prompt_ids), params, seed, len(prompt_ids))
 
     def verdict(self, seq_id: int, accepted: int, next_token: int) -> None:
         """The verifier kept the first `accepted` drafts, then emitted `next_token`."""
@@ -223,9 +219,10 @@ class ModelDrafter(BaseDrafter):
             return int(token), True
         p = st.params
         q = sampling_probs(logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_k]),
-                           torch.tensor([p.top_p]))[0]
+                           torch.tensor([p.top_p], dtype=torch.float64))[0]
         ids, probs = truncate_top_m(q, self.top_m)
-        noise = torch.empty(ids.shape[0]).exponential_(generator=st.generator)
+        position = len(st.context) - st.prompt_len + len(draft.tokens)
+        noise = randomness.exp_noise(st.seed, position, ids.shape[0], randomness.DRAFT)
         token = int(ids[sample_from(probs, noise)])
         if float(probs[0]) < self.confidence_threshold:
             return token, False

@@ -23,7 +23,8 @@ from specserve.actors.engine.request import (
 from specserve.actors.engine.runner import ModelRunner
 from specserve.actors.engine.stops import StopChecker
 from specserve.kernels.sampling import sampling_probs, sparse_to_dense
-from specserve.kernels.verify import verify_greedy, verify_sampled
+from specserve.actors.engine import randomness
+from specserve.kernels.verify import accept_drafts, sample_next, verify_greedy
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Sequence:
     params: SamplingParams
     slot: int
     pending: int
-    generator: torch.Generator
+    seed: int  # keys every random number this request uses (see randomness.py)
     stops: StopChecker
     tracker: AcceptanceTracker
     generated: list[int] = field(default_factory=list)
@@ -105,12 +106,11 @@ class SpeculativeEngine:
         self.validate(prompt_ids, params)
         slot = self.target.add_sequence()
         seq_id, self._next_id = self._next_id, self._next_id + 1
-        gen = torch.Generator()
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        seed = params.seed if params.seed is not None else randomness.fresh_seed()
         if len(prompt_ids) > 1:
             self.target.forward([slot], torch.tensor([prompt_ids[:-1]]), logits_to_keep=1)
         self.seqs[seq_id] = Sequence(
-            seq_id, list(prompt_ids), params, slot, prompt_ids[-1], gen,
+            seq_id, list(prompt_ids), params, slot, prompt_ids[-1], seed,
             StopChecker(self.tokenizer, params, self.eos_ids), AcceptanceTracker(self.policy),
         )
         if self.drafter is not None:
@@ -131,7 +131,12 @@ class SpeculativeEngine:
             return [0] * len(seqs)
         ks = []
         for s in seqs:
-            k = best_draft_length(s.tracker.alpha, self.cost, self.policy.k_max)
+            k = self.policy.fixed_k
+            if k is None and s.params.seed is not None and not s.params.greedy:
+                # timings must not steer a seeded request: its output would vary run to run
+                k = self.policy.k_max
+            if k is None:
+                k = best_draft_length(s.tracker.alpha, self.cost, self.policy.k_max)
             ks.append(min(k, s.params.max_tokens - len(s.generated) - 1))
         return ks
 
@@ -183,16 +188,22 @@ class SpeculativeEngine:
 
     def _verify_sampled(self, seqs, drafts, draft_tokens, draft_len, logits):
         batch, n, vocab = logits.shape
-        per_row = lambda f: torch.tensor([f(s.params) for s in seqs]).unsqueeze(1).expand(batch, n)  # noqa: E731
-        p = sampling_probs(logits, per_row(lambda p: p.temperature), per_row(lambda p: p.top_k),
-                           per_row(lambda p: p.top_p))  # [batch, n, vocab]
+        def per_row(values, dtype):
+            return torch.tensor(values, dtype=dtype).unsqueeze(1).expand(batch, n)
+
+        p = sampling_probs(logits, per_row([s.params.temperature for s in seqs], torch.float32),
+                           per_row([s.params.top_k for s in seqs], torch.long),
+                           per_row([s.params.top_p for s in seqs], torch.float64))  # [batch, n, vocab]
         q = torch.zeros(batch, n - 1, vocab)
         for i, d in enumerate(drafts):
             if d.tokens:
                 q[i, : len(d.tokens)] = sparse_to_dense(d.q_ids, d.q_probs, vocab)
-        uniforms = torch.stack([torch.rand(n - 1, generator=s.generator) for s in seqs])
-        noise = torch.stack([torch.empty(vocab).exponential_(generator=s.generator) for s in seqs])
-        return verify_sampled(p, q, draft_tokens, draft_len, uniforms, noise)
+        starts = [len(s.generated) for s in seqs]  # output position of each row's first new token
+        uniforms = torch.stack([randomness.uniforms(s.seed, t, n - 1) for s, t in zip(seqs, starts)])
+        num_acc = accept_drafts(p, q, draft_tokens, draft_len, uniforms)
+        noise = torch.stack([randomness.exp_noise(s.seed, t + a, vocab)
+                             for s, t, a in zip(seqs, starts, num_acc.tolist())])
+        return num_acc, sample_next(p, q, num_acc, draft_len, noise)
 
     def _commit(self, seq: Sequence, draft: Draft, length: int, accepted: int, next_token: int) -> StepOutput:
         """Keep pending + accepted drafts in the cache, emit tokens up to the first stop."""

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import torch
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
 class CacheBudgetError(RuntimeError):
     """The KV cache cannot hold what was asked of it."""
 
@@ -63,7 +67,7 @@ class KVCache:
         if budget_bytes is not None and need > budget_bytes:
             raise CacheBudgetError(
                 f"KV cache for {num_slots} sequences of up to {max_seq_len} tokens needs "
-                f"{need / 2**20:.1f} MiB, over the budget of {budget_bytes / 2**20:.1f} MiB; "
+                f"{_size(need)}, over the budget of {_size(budget_bytes)}; "
                 f"lower max_num_seqs or max_seq_len, or raise the budget"
             )
         dims = (num_slots, self.capacity, shape.kv_heads, shape.head_dim)
@@ -88,6 +92,8 @@ class KVCache:
 
     def release(self, slot: int) -> None:
         """Give a finished sequence's slot back."""
+        if slot in self._free:
+            raise ValueError(f"KV cache slot {slot} is already free")
         self.lengths[slot] = 0
         self._free.append(slot)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class InvalidRequestError(ValueError):
@@ -29,11 +29,12 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end generation.")
     ignore_eos: bool = Field(False, description="Keep generating past the model's EOS token.")
 
-    @model_validator(mode="after")
-    def _no_empty_stop_strings(self):
-        if any(s == "" for s in self.stop):
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
             raise ValueError("stop strings must be non-empty")
-        return self
+        return stop
 
     @property
     def greedy(self) -> bool:

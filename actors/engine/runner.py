@@ -104,6 +104,9 @@ class ModelRunner:
         n_valid = n_valid or [n] * batch
         for slot, nv in zip(slots, n_valid):
             self.cache.check_room(slot, nv)
+        if batch > 1 and max(self.cache.lengths[s] for s in slots) + n > self.cache.capacity:
+            # right-padding a long row would run a nearly full sequence past its cache row
+            return self._forward_rows(slots, tokens, n_valid, block, depth, logits_to_keep)
         prefix = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.long)
         offsets = torch.arange(n).expand(batch, n)
         if block is None:
@@ -123,6 +126,18 @@ class ModelRunner:
         for slot, nv in zip(slots, n_valid):
             self.cache.lengths[slot] += nv
         return out.logits
+
+    def _forward_rows(self, slots, tokens, n_valid, block, depth, logits_to_keep) -> torch.Tensor:
+        """The batch as one forward per row (each unpadded), logits stacked back as [batch, n', vocab]."""
+        n = tokens.shape[1]
+        rows = []
+        for i, (slot, nv) in enumerate(zip(slots, n_valid)):
+            row = self.forward([slot], tokens[i : i + 1, :nv], [nv],
+                               None if block is None else block[i : i + 1, :nv, :nv],
+                               None if depth is None else depth[i : i + 1, :nv])
+            rows.append(torch.nn.functional.pad(row, (0, 0, 0, n - nv)))
+        out = torch.cat(rows)
+        return out[:, -logits_to_keep:] if logits_to_keep else out
 
 
 def chain_block(n_valid: list[int], n: int) -> torch.Tensor:

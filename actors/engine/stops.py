@@ -19,6 +19,7 @@ class StopChecker:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
         self.stop_strings = list(params.stop)
         self._cut: int | None = None  # text length before the stop string, once found
+        self._by_id = False  # ended by a stop id / EOS: that token stays out of the text
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:  # token-id-only models (tests): no text
@@ -28,6 +29,7 @@ class StopChecker:
     def check(self, generated: list[int]) -> str | None:
         """Finish reason after the last token of `generated`, or None to go on."""
         if generated[-1] in self.stop_ids:
+            self._by_id = True
             return "stop"
         if self.stop_strings and self._find_stop_string(generated):
             return "stop"
@@ -44,5 +46,5 @@ class StopChecker:
 
     def final_text(self, generated: list[int]) -> str:
         """The response text: decoded tokens, cut before a stop string if one ended it."""
-        text = self._decode(generated)
+        text = self._decode(generated[:-1] if self._by_id else generated)
         return text if self._cut is None else text[: self._cut]

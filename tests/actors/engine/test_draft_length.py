@@ -1,0 +1,114 @@
+"""The draft-length policy: E(k), the measured cost model, and the k that maximises E(k) / T(k)."""
+
+from __future__ import annotations
+
+import pytest
+
+from specserve.actors.engine.draft_length import (
+    AcceptanceTracker, CostModel, DraftLengthConfig, best_draft_length, expected_tokens,
+)
+
+CFG = DraftLengthConfig()
+
+
+def measured(draft_s: float, verify_s: dict[int, float], rtt_s: float = 0.0) -> CostModel:
+    """A cost model that has seen one draft forward of `draft_s` and these verify times."""
+    cost = CostModel(CFG, rtt_s)
+    cost.observe_draft(1, draft_s)
+    for n, seconds in verify_s.items():
+        cost.observe_verify(n, seconds)
+    return cost
+
+
+# ---- E(k) ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha, k, tokens", [
+    (0.0, 0, 1.0), (0.0, 5, 1.0),  # nothing accepted: only the recovered token
+    (0.5, 1, 1.5), (0.5, 2, 1.75), (0.5, 3, 1.875),
+    (0.8, 0, 1.0),  # no drafts: plain decoding emits one token
+    (1.0, 4, 5.0),  # everything accepted: k drafts + the bonus token
+])
+def test_expected_tokens_is_the_sum_of_alpha_powers_up_to_k(alpha, k, tokens):
+    assert expected_tokens(alpha, k) == pytest.approx(tokens)
+
+
+def test_expected_tokens_is_continuous_as_alpha_reaches_one():
+    assert expected_tokens(1 - 1e-9, 6) == pytest.approx(7.0, rel=1e-6)
+
+
+# ---- the cost model -------------------------------------------------------------------------------
+
+
+def test_draft_time_is_per_forward_and_an_ema_of_the_measurements():
+    cost = CostModel(CFG)
+    cost.observe_draft(4, 2.0)
+    assert cost.draft_step_s == pytest.approx(0.5)
+    cost.observe_draft(1, 1.5)
+    assert cost.draft_step_s == pytest.approx(0.5 + CFG.time_ema * (1.5 - 0.5))
+    cost.observe_draft(0, 99.0)  # a call that ran no forward says nothing about a forward's cost
+    assert cost.draft_step_s == pytest.approx(0.6)
+
+
+def test_verify_time_is_interpolated_linearly_between_measured_block_sizes():
+    cost = measured(0.0, {2: 1.0, 6: 3.0})
+    assert cost.verify_time(2) == pytest.approx(1.0)
+    assert cost.verify_time(4) == pytest.approx(2.0)
+    assert cost.verify_time(8) == pytest.approx(4.0)
+    assert measured(0.0, {5: 2.0}).verify_time(9) == pytest.approx(2.0)  # one size: flat
+    assert CostModel(CFG).verify_time(3) == 1.0  # nothing measured yet
+
+
+def test_step_time_adds_the_round_trip_only_when_drafting():
+    cost = measured(0.1, {1: 1.0, 5: 1.0}, rtt_s=0.25)
+    assert cost.step_time(0) == pytest.approx(1.0)
+    assert cost.step_time(4) == pytest.approx(4 * 0.1 + 1.0 + 0.25)
+
+
+def test_verify_time_of_a_block_smaller_than_any_measured_is_positive():
+    # an engine that always drafted has never measured n = 1, which T(0) needs
+    cost = measured(0.01, {3: 1.0, 5: 2.0})
+    assert cost.verify_time(1) > 0
+    best_draft_length(0.5, cost, 8)
+
+
+# ---- the policy -----------------------------------------------------------------------------------
+
+
+def test_expensive_drafts_and_low_acceptance_turn_drafting_off():
+    cost = measured(1.0, {1: 1.0, 9: 1.2})
+    assert best_draft_length(0.1, cost, 8) == 0
+
+
+def test_cheap_drafts_and_high_acceptance_draft_the_longest_block():
+    cost = measured(0.001, {1: 1.0, 9: 1.0})
+    assert best_draft_length(0.9, cost, 8) == 8
+    assert best_draft_length(0.9, cost, 3) == 3  # never past k_max
+
+
+def test_the_best_draft_length_grows_with_alpha():
+    cost = measured(0.2, {1: 1.0, 9: 1.4})
+    ks = [best_draft_length(a / 100, cost, 8) for a in range(0, 100, 3)]
+    assert ks == sorted(ks)
+    assert ks[0] == 0 and ks[-1] >= 5
+
+
+def test_a_sequence_whose_drafts_fail_stops_drafting_and_is_retried_later():
+    cost = measured(0.2, {1: 1.0, 9: 1.4})
+    tracker = AcceptanceTracker(CFG)
+    assert tracker.alpha == CFG.alpha_prior and best_draft_length(tracker.alpha, cost, 8) > 0
+    for _ in range(10):
+        tracker.observe(4, 0)
+    assert best_draft_length(tracker.alpha, cost, 8) == 0
+    idle = 0
+    while best_draft_length(tracker.alpha, cost, 8) == 0:
+        tracker.observe(0, 0)  # a step without drafts drifts alpha back toward the prior
+        idle += 1
+        assert idle < 200
+    assert tracker.alpha < CFG.alpha_prior
+
+
+def test_acceptance_tracker_is_an_ema_of_the_accepted_fraction():
+    tracker = AcceptanceTracker(CFG)
+    tracker.observe(4, 4)
+    assert tracker.alpha == pytest.approx(CFG.alpha_prior + CFG.alpha_ema * (1.0 - CFG.alpha_prior))

@@ -1,0 +1,120 @@
+"""Tiny random-init float64 models of every supported family, and engines built on them.
+
+float64 keeps the runner and transformers' own forward equal to ~1e-15, so an argmax never
+flips on a numerical near-tie and greedy outputs can be compared token for token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+from specserve.actors.engine.draft_length import CostModel, DraftLengthConfig
+from specserve.actors.engine.drafters import BaseDrafter
+from specserve.actors.engine.engine import SpeculativeEngine
+from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+
+VOCAB = 96
+WINDOW = 6  # sliding window, shorter than the test sequences so it changes the logits
+NO_SPECIAL_TOKENS = dict(eos_token_id=None, bos_token_id=None, pad_token_id=None)  # nothing stops early
+
+
+def family_config(family: str, layers: int = 2, vocab: int = VOCAB, **overrides):
+    """A tiny config of `family`; Llama uses GQA, Mistral and Qwen2 a sliding window."""
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=64, **NO_SPECIAL_TOKENS)
+    if family == "llama":
+        cfg = LlamaConfig(num_key_value_heads=2, **common)
+    elif family == "qwen2":
+        # windowed from layer 1 on: with 2 layers, one full and one sliding layer
+        cfg = Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW,
+                          max_window_layers=1, **common)
+    elif family == "mistral":
+        cfg = MistralConfig(num_key_value_heads=1, sliding_window=WINDOW, **common)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
+                         **NO_SPECIAL_TOKENS)
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def build_model(config, seed: int, attn: str = "sdpa"):
+    """A float64 model with its own copy of `config` (ModelRunner rewrites the config it gets)."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn).double().eval()
+
+
+def clone(model, attn: str = "sdpa"):
+    """Same weights, separate module and config."""
+    twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation=attn).double().eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def runner(model, max_num_seqs: int = 4, max_seq_len: int = 128) -> ModelRunner:
+    """A float64 runner over a clone of `model`, so `model` stays a plain transformers reference."""
+    cfg = RunnerConfig(max_num_seqs=max_num_seqs, max_seq_len=max_seq_len, dtype=torch.float64)
+    return ModelRunner(clone(model), cfg)
+
+
+@torch.no_grad()
+def reference_logits(model, tokens: list[int]) -> torch.Tensor:
+    """transformers' own forward over the whole sequence.  # [len(tokens), vocab]"""
+    return model(torch.tensor([tokens])).logits[0]
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`."""
+    ids = torch.tensor([prompt])
+    # an explicit mask: otherwise transformers treats every token equal to pad_token_id as padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+class AlwaysDraftCost(CostModel):
+    """Drafting is free and verification takes constant time, so the policy drafts k_max every step.
+
+    The real cost model measures wall time; tests that need a known draft length replace it.
+    """
+
+    def observe_draft(self, forwards: int, seconds: float) -> None:
+        pass
+
+    def observe_verify(self, n: int, seconds: float) -> None:
+        pass
+
+    def step_time(self, k: int) -> float:
+        return 1.0
+
+
+def always_drafting_engine(target: ModelRunner, drafter: BaseDrafter | None, k_max: int,
+                           tokenizer=None) -> SpeculativeEngine:
+    """An engine whose drafts are k_max long whenever max_tokens leaves room (alpha held at its prior)."""
+    policy = DraftLengthConfig(k_max=k_max, alpha_ema=0.0)
+    engine = SpeculativeEngine(target, tokenizer, drafter, policy=policy)
+    engine.cost = AlwaysDraftCost(policy)
+    return engine
+
+
+def record_draft_lengths(drafter: BaseDrafter) -> list[int]:
+    """Make `drafter` append the length of every draft it proposes to the returned list."""
+    lengths: list[int] = []
+    propose = drafter.propose
+
+    def recording(reqs):
+        drafts = propose(reqs)
+        lengths.extend(len(d.tokens) for d in drafts)
+        return drafts
+
+    drafter.propose = recording
+    return lengths
