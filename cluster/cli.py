@@ -83,12 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """Everything is local: no hub look-ups, no per-file loading bars in the CLI's output."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `specserve` script. Bad input is an error message, not a traceback."""
     from specserve.actors.engine.request import InvalidRequestError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         return args.func(args)
     except (InvalidRequestError, FileNotFoundError) as e:

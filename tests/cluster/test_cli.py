@@ -1,0 +1,69 @@
+"""The `specserve` command line, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROMPT = "def fibonacci(n):"
+
+
+def specserve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specserve.cluster.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def generate_json(*flags: str) -> dict:
+    proc = specserve("generate", PROMPT, "--json", "--max-tokens", "24", *flags)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    return {d: generate_json("--drafter", d) for d in ("none", "model", "ngram")}
+
+
+def test_generate_json_has_the_documented_shape(outputs):
+    out = outputs["model"]
+    for key in ("prompt_token_ids", "token_ids", "text", "finish_reason", "elapsed_s", "drafted", "accepted",
+                "acceptance_rate", "mean_accepted_length", "tokens_per_s"):
+        assert key in out
+    assert out["prompt_token_ids"] and all(isinstance(t, int) for t in out["prompt_token_ids"])
+    assert 0 < len(out["token_ids"]) <= 24
+    assert out["finish_reason"] in ("length", "stop")
+    assert out["elapsed_s"] > 0
+    assert out["accepted"] <= out["drafted"]
+
+
+def test_generate_greedy_output_is_the_same_with_every_drafter(outputs):
+    assert outputs["model"]["token_ids"] == outputs["none"]["token_ids"] == outputs["ngram"]["token_ids"]
+    assert outputs["model"]["text"] == outputs["none"]["text"]
+    assert outputs["none"]["drafted"] == 0
+    assert outputs["model"]["drafted"] > 0
+
+
+def test_generate_seeded_sampling_is_reproducible():
+    a = generate_json("--temperature", "0.8", "--top-p", "0.95", "--seed", "3")
+    b = generate_json("--temperature", "0.8", "--top-p", "0.95", "--seed", "3")
+    assert a["token_ids"] == b["token_ids"]
+
+
+@pytest.mark.parametrize("flag, value, field", [("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"),
+                                                ("--max-tokens", "0", "max_tokens"), ("--top-k", "-2", "top_k")])
+def test_generate_rejects_bad_parameters_naming_the_field(flag, value, field):
+    proc = specserve("generate", PROMPT, flag, value)
+    assert proc.returncode == 2
+    assert field in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = specserve("bench", "--prompts", "1", "--max-tokens", "16", "--no-hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "model", "ngram"}
+    assert rows["model"]["matches_plain"] == 1.0 and rows["ngram"]["matches_plain"] == 1.0
+    assert rows["plain"]["speedup"] == 1.0
