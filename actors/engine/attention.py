@@ -34,6 +34,20 @@ class BlockMask:
     _windowed: dict = field(default_factory=dict)
 
     @staticmethod
+    def chain(prefix_len: torch.Tensor, n: int, kv_len: int) -> "BlockMask":
+        """The common case: each row's new tokens form a chain after its prefix.
+
+        Key j is visible to query i of row b iff j <= prefix_b + i. That also hides the stale
+        cache entries of shorter rows and keeps right-padding out of every real query's view.
+        """
+        q_pos = prefix_len.unsqueeze(1) + torch.arange(n)  # [batch, n]
+        k_pos = torch.arange(kv_len).expand(len(prefix_len), kv_len)  # [batch, kv_len]
+        if q_pos.shape[0] == 1 and n == 1:
+            return BlockMask(None, q_pos, k_pos)  # a single new token sees the whole row
+        allowed = k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)  # [batch, n, kv_len]
+        return BlockMask(allowed.unsqueeze(1), q_pos, k_pos)
+
+    @staticmethod
     def build(prefix_len: torch.Tensor, block: torch.Tensor, positions: torch.Tensor, kv_len: int) -> "BlockMask":
         """prefix_len: [batch] cached tokens before the block; block: [batch, n, n] bool mask
         among the new positions; positions: [batch, n] logical positions of the new tokens."""
@@ -77,10 +91,16 @@ def specserve_attention(
     if block_mask is None:
         raise RuntimeError("specserve attention needs a block_mask; run models through ModelRunner")
     mask = block_mask.for_window(sliding_window)
-    out = F.scaled_dot_product_attention(
-        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scaling,
-        enable_gqa=key.shape[1] != query.shape[1],
-    )
+    batch, heads, n, head_dim = query.shape
+    groups = heads // key.shape[1]
+    if groups > 1:
+        # grouped-query attention without copying K/V: query head h reads kv head h // groups, so
+        # fold each group's heads into the query length  # [batch, kv_heads, groups * n, head_dim]
+        query = query.reshape(batch, key.shape[1], groups * n, head_dim)
+        mask = None if mask is None else mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask,
+                                         scale=scaling)
+    out = out.view(batch, heads, n, head_dim)
     return out.transpose(1, 2).contiguous(), None  # [batch, n, heads, head_dim]
 
 

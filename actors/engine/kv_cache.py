@@ -52,6 +52,7 @@ class StepLayout:
     slots: torch.Tensor
     write: torch.Tensor
     kv_len: int
+    single: tuple[int, int] | None = None  # (slot, first write position) when the batch is one row
 
 
 class KVCache:
@@ -120,6 +121,13 @@ class KVCache:
         """
         lay = self.layout
         k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
+        if lay.single is not None:  # one sequence: plain slices, no gather/scatter
+            s, start = lay.single
+            end = start + key.shape[2]
+            k_store[s, start:end] = key[0].transpose(0, 1)
+            v_store[s, start:end] = value[0].transpose(0, 1)
+            k_all, v_all = k_store[s : s + 1, : lay.kv_len], v_store[s : s + 1, : lay.kv_len]
+            return k_all.transpose(1, 2), v_all.transpose(1, 2)
         rows = lay.slots.unsqueeze(1).expand_as(lay.write)  # [batch, n]
         k_store[rows, lay.write] = key.transpose(1, 2).to(k_store.dtype)
         v_store[rows, lay.write] = value.transpose(1, 2).to(v_store.dtype)

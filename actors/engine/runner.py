@@ -109,12 +109,16 @@ class ModelRunner:
             return self._forward_rows(slots, tokens, n_valid, block, depth, logits_to_keep)
         prefix = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.long)
         offsets = torch.arange(n).expand(batch, n)
-        if block is None:
-            block = chain_block(n_valid, n)
         positions = prefix.unsqueeze(1) + (offsets if depth is None else depth)
         kv_len = int(prefix.max()) + n
-        mask = BlockMask.build(prefix, block, positions, kv_len)
-        self.cache.layout = StepLayout(torch.tensor(slots, dtype=torch.long), prefix.unsqueeze(1) + offsets, kv_len)
+        if block is None and depth is None:
+            mask = BlockMask.chain(prefix, n, kv_len)
+        else:
+            block = chain_block(n_valid, n) if block is None else block
+            mask = BlockMask.build(prefix, block, positions, kv_len)
+        single = (slots[0], self.cache.lengths[slots[0]]) if batch == 1 else None
+        self.cache.layout = StepLayout(torch.tensor(slots, dtype=torch.long), prefix.unsqueeze(1) + offsets,
+                                       kv_len, single)
         out = self.model(
             input_ids=tokens.to(self.device),
             position_ids=positions.to(self.device),
