@@ -245,7 +245,8 @@ def save_pair(out_dir: Path, tokenizer, target, drafter, train_files: list[Sourc
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, model in (("target", target), ("drafter", drafter)):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(out_dir / name, safe_serialization=True)
+        # stored in bfloat16 to keep the shipped pair small; loaders upcast to their compute dtype
+        model.to(torch.bfloat16).save_pretrained(out_dir / name, safe_serialization=True)
         tokenizer.save_pretrained(out_dir / name)
     (out_dir / "train_manifest.txt").write_text("\n".join(f.relpath for f in train_files) + "\n")
     (out_dir / "recipe_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
