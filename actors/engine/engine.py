@@ -245,7 +245,7 @@ class SpeculativeEngine:
                 idx, (p, sp) = waiting.pop(0)
                 ids[self.add_request(p, sp)] = idx
             for out in self.step():
-                if out.finish_reason:
+                if out.finish_reason and out.seq_id in ids:
                     results[ids[out.seq_id]] = self.result(self.seqs[out.seq_id], time.perf_counter() - start)
                     self.release(out.seq_id)
         return [results[i] for i in range(len(prompts))]
