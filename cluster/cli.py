@@ -24,17 +24,17 @@ def _train_demo(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from specserve.cluster.local import default_threads, generate_local
+    from specserve.cluster.local import generate_local, set_threads
 
-    default_threads()
+    set_threads(args.threads)
     return generate_local(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from specserve.cluster.bench_local import bench_main
-    from specserve.cluster.local import default_threads
+    from specserve.cluster.local import set_threads
 
-    default_threads()
+    set_threads(args.threads)
     return bench_main(args)
 
 
@@ -53,6 +53,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--k-max", type=int, default=8, help="longest draft block")
     p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence below which drafting stops")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (one is fastest for the small demo models at batch 1)")
     p.set_defaults(func=_generate)
 
 
@@ -64,6 +66,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence threshold")
     p.add_argument("--seed", type=int, default=0, help="prompt selection seed")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (one is fastest for the small demo models at batch 1)")
     p.add_argument("--out", default="runs/bench_local.json", help="where to write the JSON report")
     p.set_defaults(func=_bench)
 

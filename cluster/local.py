@@ -73,10 +73,7 @@ def generate_local(args) -> int:
     return 0
 
 
-def default_threads() -> None:
-    """Use every core for torch unless the user has set a thread count."""
-    import os
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+def set_threads(threads: int) -> None:
+    """torch's CPU threads for this process."""
+    torch.set_num_threads(max(1, threads))
 

@@ -21,9 +21,9 @@ class DraftLengthConfig:
 
     k_max: int = 8  # longest draft block
     alpha_prior: float = 0.7  # acceptance assumed for a new sequence
-    alpha_ema: float = 0.3  # weight of the latest step in the alpha estimate
+    alpha_ema: float = 0.1  # decay of the accept counts per verified block
     time_ema: float = 0.1  # weight of the latest measurement in the cost model
-    recovery: float = 0.05  # per-step drift of an idle sequence's alpha back to the prior
+    recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
 
 
@@ -49,20 +49,23 @@ class CostModel:
         self.verify_s[n] = self._ema(self.verify_s.get(n), seconds)
 
     def verify_time(self, n: int) -> float:
-        """Estimated verify time for blocks of n positions (interpolated from measurements)."""
+        """Estimated verify time for blocks of n positions.
+
+        Between measured sizes: linear interpolation. Outside them: the nearest measurement.
+        Flat extrapolation upward is deliberately optimistic, so the policy tries longer blocks
+        and measures them instead of ruling them out from a noisy two-point slope.
+        """
         if n in self.verify_s:
             return self.verify_s[n]
         known = sorted(self.verify_s)
         if not known:
             return 1.0
-        if len(known) == 1:
-            return self.verify_s[known[0]]  # optimistic until a second size is measured
-        lo, hi = known[0], known[-1]
-        if n < lo:
-            return self.verify_s[lo]  # never extrapolate below a measurement: it could reach zero
-        slope = max(0.0, (self.verify_s[hi] - self.verify_s[lo]) / (hi - lo))
-        base = max(m for m in known if m < n)
-        return self.verify_s[base] + slope * (n - base)
+        if n < known[0] or n > known[-1]:
+            return self.verify_s[known[0] if n < known[0] else known[-1]]
+        lo = max(m for m in known if m < n)
+        hi = min(m for m in known if m > n)
+        w = (n - lo) / (hi - lo)
+        return (1 - w) * self.verify_s[lo] + w * self.verify_s[hi]
 
     def step_time(self, k: int) -> float:
         """T(k): seconds for one step drafting k tokens."""
@@ -85,15 +88,33 @@ def best_draft_length(alpha: float, cost: CostModel, k_max: int) -> int:
 
 
 class AcceptanceTracker:
-    """alpha of one sequence: EMA of accepted / drafted over its steps."""
+    """alpha of one sequence, estimated from per-token accept trials.
 
-    def __init__(self, cfg: DraftLengthConfig):
+    A block of d drafts with m accepted shows m successes and, when m < d, one failure; the
+    drafts after the first rejection were never tested and say nothing. Counts decay by
+    `1 - alpha_ema` per block so alpha follows the sequence, with `prior_weight` pseudo-trials
+    at the prior. Steps that drafted nothing leave the counts alone, except that while the
+    policy keeps speculation off they decay toward the prior so that it is retried.
+    """
+
+    def __init__(self, cfg: DraftLengthConfig, prior_weight: float = 2.0):
         self.cfg = cfg
-        self.alpha = cfg.alpha_prior
+        self.prior_weight = prior_weight
+        self.successes = 0.0
+        self.trials = 0.0
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """Fold in one verified block (or drift toward the prior when nothing was drafted)."""
+    @property
+    def alpha(self) -> float:
+        """Current estimate of the per-token acceptance rate."""
+        return (self.successes + self.cfg.alpha_prior * self.prior_weight) / (self.trials + self.prior_weight)
+
+    def observe(self, drafted: int, accepted: int, speculation_off: bool = False) -> None:
+        """Fold in one verified block of `drafted` tokens of which `accepted` were kept."""
         if drafted == 0:
-            self.alpha += self.cfg.recovery * (self.cfg.alpha_prior - self.alpha)
+            if speculation_off:
+                self.successes *= 1 - self.cfg.recovery
+                self.trials *= 1 - self.cfg.recovery
             return
-        self.alpha += self.cfg.alpha_ema * (accepted / drafted - self.alpha)
+        keep = 1 - self.cfg.alpha_ema
+        self.successes = keep * self.successes + accepted
+        self.trials = keep * self.trials + accepted + (1 if accepted < drafted else 0)

@@ -29,6 +29,7 @@ class Draft:
     q_ids: torch.Tensor | None = None  # [k', m] int64
     q_probs: torch.Tensor | None = None  # [k', m] float32
     forwards: int = 0  # drafter forward passes spent on this draft
+    requested: int = 0  # the k that was asked for (0: speculation was off for this step)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class NgramDrafter(BaseDrafter):
             tokens = self._lookup(r.seq_id, r.k) if r.k > 0 else []
             st = self.seqs[r.seq_id]
             st.last_draft = tokens
-            draft = Draft(tokens)
+            draft = Draft(tokens, requested=r.k)
             if not st.params.greedy:
                 draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
                 draft.q_probs = torch.ones(len(tokens), 1)
@@ -153,8 +154,13 @@ class ModelDrafter(BaseDrafter):
         self.top_m = top_m
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Reserve a cache slot and prefill all but the last prompt token (admission, not drafting)."""
         super().start(seq_id, prompt_ids, params)
-        self.seqs[seq_id].slot = self.runner.add_sequence()
+        st = self.seqs[seq_id]
+        st.slot = self.runner.add_sequence()
+        if len(prompt_ids) > 1:
+            self.runner.forward([st.slot], torch.tensor([prompt_ids[:-1]]), logits_to_keep=1)
+            st.fed = len(prompt_ids) - 1
 
     def stop(self, seq_id: int) -> None:
         st = self.seqs.get(seq_id)
@@ -172,7 +178,7 @@ class ModelDrafter(BaseDrafter):
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         live = [r for r in reqs if r.k > 0]
-        drafts = {r.seq_id: Draft([]) for r in reqs}
+        drafts = {r.seq_id: Draft([], requested=r.k) for r in reqs}
         if live:
             self._draft_rounds(live, drafts)
         for r in reqs:

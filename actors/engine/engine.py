@@ -211,7 +211,7 @@ class SpeculativeEngine:
         seq.drafted += len(draft.tokens)
         seq.accepted += accepted
         seq.steps += 1
-        seq.tracker.observe(len(draft.tokens), accepted)
+        seq.tracker.observe(len(draft.tokens), accepted, speculation_off=draft.requested == 0)
         emitted = []
         for tok in draft.tokens[:accepted] + [next_token]:
             seq.generated.append(tok)

@@ -50,11 +50,11 @@ def test_draft_time_is_per_forward_and_an_ema_of_the_measurements():
     assert cost.draft_step_s == pytest.approx(0.6)
 
 
-def test_verify_time_is_interpolated_linearly_between_measured_block_sizes():
+def test_verify_time_is_interpolated_between_measured_sizes_and_flat_outside():
     cost = measured(0.0, {2: 1.0, 6: 3.0})
     assert cost.verify_time(2) == pytest.approx(1.0)
     assert cost.verify_time(4) == pytest.approx(2.0)
-    assert cost.verify_time(8) == pytest.approx(4.0)
+    assert cost.verify_time(8) == pytest.approx(3.0)  # beyond the largest: flat (optimistic)
     assert measured(0.0, {5: 2.0}).verify_time(9) == pytest.approx(2.0)  # one size: flat
     assert CostModel(CFG).verify_time(3) == 1.0  # nothing measured yet
 
@@ -102,13 +102,19 @@ def test_a_sequence_whose_drafts_fail_stops_drafting_and_is_retried_later():
     assert best_draft_length(tracker.alpha, cost, 8) == 0
     idle = 0
     while best_draft_length(tracker.alpha, cost, 8) == 0:
-        tracker.observe(0, 0)  # a step without drafts drifts alpha back toward the prior
+        tracker.observe(0, 0, speculation_off=True)  # while off, alpha drifts back toward the prior
         idle += 1
         assert idle < 200
     assert tracker.alpha < CFG.alpha_prior
 
 
-def test_acceptance_tracker_is_an_ema_of_the_accepted_fraction():
-    tracker = AcceptanceTracker(CFG)
-    tracker.observe(4, 4)
-    assert tracker.alpha == pytest.approx(CFG.alpha_prior + CFG.alpha_ema * (1.0 - CFG.alpha_prior))
+def test_acceptance_tracker_counts_accept_trials_up_to_the_first_rejection():
+    tracker = AcceptanceTracker(CFG, prior_weight=2.0)
+    tracker.observe(4, 4)  # four successes
+    assert tracker.alpha == pytest.approx((4 + 2 * CFG.alpha_prior) / (4 + 2))
+    tracker.observe(5, 1)  # one success, then one failure; the three drafts after it untested
+    keep = 1 - CFG.alpha_ema
+    assert tracker.alpha == pytest.approx((keep * 4 + 1 + 2 * CFG.alpha_prior) / (keep * 4 + 2 + 2))
+    before = tracker.alpha
+    tracker.observe(0, 0)  # the drafter offered nothing although asked: no information
+    assert tracker.alpha == before
