@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from specserve.actors.engine import attention  # noqa: F401  (registers the attention function)
-from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask
+from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask  # importing registers it
 from specserve.actors.engine.kv_cache import CacheShape, KVCache, StepLayout
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")

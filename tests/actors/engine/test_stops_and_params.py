@@ -4,7 +4,6 @@ bad parameters are refused naming the field; seeded sampling is reproducible."""
 from __future__ import annotations
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
