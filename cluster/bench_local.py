@@ -25,6 +25,7 @@ import torch
 from specserve.actors.demo import WEIGHTS_DIR, demo_path
 from specserve.actors.demo.corpus import is_held_out, iter_python_files, stdlib_root
 from specserve.actors.engine.build import EngineSpec, build_engine
+from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
 
 ENGINE_MODES = ("plain", "model", "ngram")
@@ -68,11 +69,7 @@ class ModeTotals:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
-    draft_s: float = 0.0
-    draft_forwards: int = 0
-    verify_s: float = 0.0
-    verify_steps: int = 0
-    matches_plain: int = 0
+    timing: Timing = field(default_factory=Timing)  # the mode's engine timing (engine modes only)
     outputs: list = field(default_factory=list)
 
 
@@ -83,7 +80,6 @@ def analytic_bound(a: float, k: float, c: float) -> float:
 
 
 def _run_engine(engine, prompt, params, totals: ModeTotals) -> None:
-    t_before = (engine.timing.draft_s, engine.timing.draft_forwards, engine.timing.verify_s, engine.timing.verify_steps)
     start = time.perf_counter()
     [res] = engine.generate([prompt], params)
     totals.seconds += time.perf_counter() - start
@@ -91,10 +87,7 @@ def _run_engine(engine, prompt, params, totals: ModeTotals) -> None:
     totals.drafted += res.stats.drafted
     totals.accepted += res.stats.accepted
     totals.steps += res.stats.steps
-    totals.draft_s += engine.timing.draft_s - t_before[0]
-    totals.draft_forwards += engine.timing.draft_forwards - t_before[1]
-    totals.verify_s += engine.timing.verify_s - t_before[2]
-    totals.verify_steps += engine.timing.verify_steps - t_before[3]
+    totals.timing = engine.timing  # the engine runs only this mode's prompts after the warm-up
     totals.outputs.append(res.token_ids)
 
 
@@ -138,6 +131,7 @@ def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, thres
     totals = {m: ModeTotals() for m in modes}
     for eng in engines.values():  # warm-up: first calls allocate and fill caches
         eng.generate([prompts[0][:16]], make_params(max_tokens=8))
+        eng.timing = Timing()
     for i, prompt in enumerate(prompts):
         for mode in modes:
             if mode in engines:
@@ -153,7 +147,7 @@ def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, thres
 def _rows(totals: dict[str, ModeTotals]) -> list[dict]:
     plain = totals["plain"]
     plain_tps = plain.tokens / plain.seconds
-    t_target = plain.verify_s / max(plain.verify_steps, 1)
+    t_target = plain.timing.verify_s / max(plain.timing.verify_steps, 1)
     rows = []
     for mode, t in totals.items():
         tps = t.tokens / t.seconds if t.seconds else 0.0
@@ -163,7 +157,7 @@ def _rows(totals: dict[str, ModeTotals]) -> list[dict]:
         if t.steps and t.drafted:
             a = t.accepted / t.drafted
             k = t.drafted / t.steps
-            c = (t.draft_s / max(t.draft_forwards or t.drafted, 1)) / t_target
+            c = (t.timing.draft_s / max(t.timing.draft_forwards or t.drafted, 1)) / t_target
             bound = analytic_bound(a, k, c)
             row.update(acceptance_rate=round(a, 4), mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3),
                        mean_draft_length=round(k, 3), cost_ratio_c=round(c, 4), analytic_bound=round(bound, 3),

@@ -131,12 +131,8 @@ class KVCache:
         rows = lay.slots.unsqueeze(1).expand_as(lay.write)  # [batch, n]
         k_store[rows, lay.write] = key.transpose(1, 2).to(k_store.dtype)
         v_store[rows, lay.write] = value.transpose(1, 2).to(v_store.dtype)
-        if lay.slots.shape[0] == 1:
-            s = int(lay.slots[0])
-            k_all, v_all = k_store[s : s + 1, : lay.kv_len], v_store[s : s + 1, : lay.kv_len]
-        else:
-            k_all = k_store[:, : lay.kv_len].index_select(0, lay.slots)
-            v_all = v_store[:, : lay.kv_len].index_select(0, lay.slots)
+        k_all = k_store[:, : lay.kv_len].index_select(0, lay.slots)
+        v_all = v_store[:, : lay.kv_len].index_select(0, lay.slots)
         return k_all.transpose(1, 2), v_all.transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
