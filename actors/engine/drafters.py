@@ -77,6 +77,13 @@ class BaseDrafter:
         """Forget a finished sequence."""
         self.seqs.pop(seq_id, None)
 
+    def has_ahead_work(self) -> bool:
+        """Whether `draft_ahead` has something useful to do (pipelined drafting)."""
+        return False
+
+    def draft_ahead(self) -> None:
+        """Spend idle time drafting past the last draft, assuming it is fully accepted."""
+
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         raise NotImplementedError
 

@@ -59,16 +59,22 @@ class DrafterMessage(_message.Message):
     def __init__(self, draft: _Optional[_Union[Draft, _Mapping]] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("sequence_id", "tokens", "q", "weight_version")
+    __slots__ = ("sequence_id", "tokens", "q", "weight_version", "unknown_sequence", "draft_seconds", "forward_passes")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
     weight_version: str
-    def __init__(self, sequence_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., weight_version: _Optional[str] = ...) -> None: ...
+    unknown_sequence: bool
+    draft_seconds: float
+    forward_passes: int
+    def __init__(self, sequence_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., weight_version: _Optional[str] = ..., unknown_sequence: _Optional[bool] = ..., draft_seconds: _Optional[float] = ..., forward_passes: _Optional[int] = ...) -> None: ...
 
 class SparseDistribution(_message.Message):
     __slots__ = ("token_ids", "probs")

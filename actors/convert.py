@@ -1,0 +1,124 @@
+"""Protobuf <-> engine objects. Protobuf stops here: the engine sees tensors and dataclasses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from specserve.actors.engine.drafters import Draft
+from specserve.actors.engine.request import InvalidRequestError, SamplingParams, SpecStats, make_params
+from specserve.v1 import drafting_pb2, generation_pb2
+
+FINISH_REASONS = {
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "cancelled": generation_pb2.FINISH_REASON_CANCELLED,
+    "error": generation_pb2.FINISH_REASON_ERROR,
+}
+FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
+MAX_PROMPT_CHARS = 1_000_000  # longer text is refused before tokenizing (the token limit decides the rest)
+
+
+# -- Generation (client-facing) --------------------------------------------------------------------
+
+def params_from_pb(req: generation_pb2.GenerateRequest) -> SamplingParams:
+    """SamplingParams of a request; InvalidRequestError names the bad field."""
+    kwargs: dict = {"top_k": req.top_k, "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
+                    "ignore_eos": req.ignore_eos}
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        if req.HasField(name):
+            kwargs[name] = getattr(req, name)
+    for name in ("temperature", "top_p"):
+        if name in kwargs and not math.isfinite(kwargs[name]):
+            raise InvalidRequestError(name, f"must be a finite number, got {kwargs[name]}")
+    return make_params(**kwargs)
+
+
+def prompt_from_pb(req: generation_pb2.GenerateRequest, tokenizer) -> list[int]:
+    """Prompt token ids: the given ids, or the tokenized text. Exactly one must be set."""
+    has_text, has_ids = bool(req.prompt), bool(req.prompt_token_ids)
+    if has_text == has_ids:
+        raise InvalidRequestError("prompt", "set exactly one of prompt and prompt_token_ids")
+    if has_ids:
+        return list(req.prompt_token_ids)
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+    if tokenizer is None:
+        raise InvalidRequestError("prompt", "this model has no tokenizer; send prompt_token_ids")
+    return tokenizer.encode(req.prompt, add_special_tokens=False)
+
+
+def response_pb(request_id: str, token_ids: list[int], text: str, finish_reason: str | None,
+                stats: SpecStats, drafter_version: str) -> generation_pb2.GenerateResponse:
+    """One streamed chunk."""
+    return generation_pb2.GenerateResponse(
+        request_id=request_id, token_ids=token_ids, text=text,
+        finish_reason=FINISH_REASONS.get(finish_reason or "", generation_pb2.FINISH_REASON_UNSPECIFIED),
+        stats=generation_pb2.SpeculationStats(drafted=stats.drafted, accepted=stats.accepted, steps=stats.steps,
+                                              drafter_version=drafter_version),
+    )
+
+
+# -- Drafting (internal) ---------------------------------------------------------------------------
+
+def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed: int, k: int):
+    """The Start message of a sequence whose drafter context is `context`."""
+    start = drafting_pb2.Start(sequence_id=sequence_id, prompt_token_ids=context, temperature=params.temperature,
+                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k)
+    return drafting_pb2.VerifierMessage(start=start)
+
+
+def verdict_pb(sequence_id: int, accepted: int, next_token: int, k: int):
+    return drafting_pb2.VerifierMessage(
+        verdict=drafting_pb2.Verdict(sequence_id=sequence_id, accepted=accepted, next_token=next_token, k=k))
+
+
+def stop_pb(sequence_id: int):
+    return drafting_pb2.VerifierMessage(stop=drafting_pb2.Stop(sequence_id=sequence_id))
+
+
+def start_params(start: drafting_pb2.Start) -> SamplingParams:
+    """The sampling parameters a drafter needs (it never decides when to stop)."""
+    top_p = start.top_p if start.HasField("top_p") else 1.0
+    seed = start.seed if start.HasField("seed") else None
+    return SamplingParams(temperature=start.temperature, top_k=start.top_k, top_p=top_p, seed=seed,
+                          max_tokens=1_000_000)
+
+
+def draft_to_pb(sequence_id: int, draft: Draft, version: str, seconds: float) -> drafting_pb2.DrafterMessage:
+    """A Draft message; q rows are sent without their zero-probability padding."""
+    pb = drafting_pb2.Draft(sequence_id=sequence_id, tokens=draft.tokens, weight_version=version,
+                            draft_seconds=seconds, forward_passes=draft.forwards)
+    if draft.q_ids is not None and draft.tokens:
+        for ids, probs in zip(draft.q_ids.tolist(), draft.q_probs.tolist()):
+            keep = [(i, p) for i, p in zip(ids, probs) if p > 0]
+            pb.q.add(token_ids=[i for i, _ in keep], probs=[p for _, p in keep])
+    return drafting_pb2.DrafterMessage(draft=pb)
+
+
+def draft_from_pb(pb: drafting_pb2.Draft, requested: int, vocab_size: int, sampled: bool) -> Draft:
+    """An engine Draft from the wire, checked so a broken drafter cannot break verification.
+
+    Rows of q are padded to the longest with probability-zero entries (harmless to
+    sparse_to_dense). A draft with out-of-vocabulary tokens, more tokens than requested, or a q
+    that does not match its tokens (or is missing when `sampled`) is dropped (empty draft).
+    """
+    tokens = list(pb.tokens)[:requested]
+    if any(t >= vocab_size for t in tokens) or (sampled and tokens and len(pb.q) < len(tokens)):
+        return Draft([], requested=requested)
+    draft = Draft(tokens, forwards=pb.forward_passes, requested=requested)
+    if pb.q and tokens:
+        rows = list(pb.q)[: len(tokens)]
+        if len(rows) != len(tokens) or any(len(r.token_ids) != len(r.probs) or not r.token_ids for r in rows):
+            return Draft([], requested=requested)
+        m = max(len(r.token_ids) for r in rows)
+        ids = torch.zeros(len(rows), m, dtype=torch.long)
+        probs = torch.zeros(len(rows), m, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.token_ids)] = torch.tensor(list(r.token_ids), dtype=torch.long)
+            probs[i, : len(r.probs)] = torch.tensor(list(r.probs), dtype=torch.float32)
+        if bool((ids >= vocab_size).any()):
+            return Draft([], requested=requested)
+        draft.q_ids, draft.q_probs = ids, probs
+    return draft

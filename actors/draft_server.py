@@ -1,0 +1,220 @@
+"""The drafter side of the Drafting stream: a grpc.aio servicer in front of one engine drafter.
+
+Many verifier streams feed one worker thread, which owns the drafter (torch work must not run
+on the event loop). The worker drains every message that has arrived, applies them in order,
+and answers all the Starts and Verdicts of that wave with one batched `propose` call. When it
+has nothing to answer and pipelining is on, it spends idle time drafting ahead (one forward
+at a time, so a Verdict never waits for more than one forward).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from specserve.actors.convert import draft_to_pb, start_params
+from specserve.actors.engine.drafters import BaseDrafter, DraftRequest
+from specserve.actors.engine.kv_cache import CacheBudgetError
+from specserve.v1 import drafting_pb2, drafting_pb2_grpc
+
+log = logging.getLogger(__name__)
+_CLOSED = object()
+
+
+@dataclass
+class _Stream:
+    """One verifier's stream: its outbox lives on the event loop."""
+
+    stream_id: int
+    outbox: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+    def send(self, msg) -> None:
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, msg)
+
+
+class DraftWorker:
+    """Owns the drafter; turns verifier messages into drafts on its own thread."""
+
+    def __init__(self, drafter: BaseDrafter, weight_version: str = "", max_num_seqs: int = 64,
+                 pipelined: bool = True):
+        self.drafter = drafter
+        self.weight_version = weight_version
+        self.max_num_seqs = max_num_seqs
+        self.pipelined = pipelined
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.seq_ids: dict[tuple[int, int], int] = {}  # (stream, sequence_id) -> drafter seq id
+        self._next = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="draft-worker", daemon=True)
+        self._running = True
+        self.drafts_sent = 0
+
+    @property
+    def load(self) -> int:
+        """Live sequences (the registry's load figure and the autoscaling metric)."""
+        return len(self.seq_ids)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self.inbox.put(_CLOSED)
+        self._thread.join(timeout=5)
+
+    def close_stream(self, stream: _Stream) -> None:
+        """The verifier went away: forget its sequences (on the worker thread)."""
+        self.inbox.put((stream, None))
+
+    # -- worker thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._running:
+            wave = self._collect()
+            try:
+                self._handle(wave)
+            except Exception:  # a bug must not kill the replica's drafting for everyone
+                log.exception("draft worker failed on a wave of %d messages", len(wave))
+
+    def _collect(self) -> list:
+        """Block for the first message (unless ahead-drafting has work), then drain the rest."""
+        wave = []
+        while not wave:
+            try:
+                busy = self.pipelined and self.drafter.has_ahead_work()
+                item = self.inbox.get_nowait() if busy else self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                if self.pipelined:
+                    self.drafter.draft_ahead()
+                if not self._running:
+                    return []
+                continue
+            if item is _CLOSED:
+                return []
+            wave.append(item)
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return wave
+            if item is _CLOSED:
+                self._running = False
+                return wave
+            wave.append(item)
+
+    def _handle(self, wave: list) -> None:
+        pending: dict[int, tuple[_Stream, int, int, float]] = {}  # seq -> (stream, wire id, k, t0)
+        for stream, msg in wave:
+            if msg is None:
+                self._drop_stream(stream)
+                continue
+            kind = msg.WhichOneof("message")
+            wire_id = getattr(msg, kind).sequence_id
+            seq = self.seq_ids.get((stream.stream_id, wire_id))
+            if seq is not None and seq in pending:  # answer the earlier message first: order matters
+                self._answer(pending)
+                pending = {}
+            t0 = time.perf_counter()
+            if kind == "start":
+                seq = self._start(stream, msg.start)
+                if seq is None:
+                    stream.send(_unknown(wire_id, self.weight_version))
+                else:
+                    pending[seq] = (stream, wire_id, msg.start.k, t0)
+            elif kind == "verdict":
+                if seq is None:
+                    stream.send(_unknown(wire_id, self.weight_version))
+                    continue
+                self.drafter.verdict(seq, msg.verdict.accepted, msg.verdict.next_token)
+                pending[seq] = (stream, wire_id, msg.verdict.k, t0)
+            elif kind == "stop" and seq is not None:
+                self._stop(stream.stream_id, wire_id)
+        if pending:
+            self._answer(pending)
+
+    def _start(self, stream: _Stream, start) -> int | None:
+        key = (stream.stream_id, start.sequence_id)
+        if key in self.seq_ids:
+            self._stop(*key)
+        if len(self.seq_ids) >= self.max_num_seqs:
+            return None
+        seq = next(self._next)
+        try:
+            self.drafter.start(seq, list(start.prompt_token_ids), start_params(start))
+        except (CacheBudgetError, ValueError) as e:
+            log.warning("cannot draft a new sequence: %s", e)
+            self.drafter.stop(seq)
+            return None
+        self.seq_ids[key] = seq
+        return seq
+
+    def _stop(self, stream_id: int, wire_id: int) -> None:
+        seq = self.seq_ids.pop((stream_id, wire_id), None)
+        if seq is not None:
+            self.drafter.stop(seq)
+
+    def _drop_stream(self, stream: _Stream) -> None:
+        for key in [k for k in self.seq_ids if k[0] == stream.stream_id]:
+            self._stop(*key)
+
+    def _answer(self, pending: dict[int, tuple[_Stream, int, int, float]]) -> None:
+        seqs = list(pending)
+        drafts = self.drafter.propose([DraftRequest(s, pending[s][2]) for s in seqs])
+        now = time.perf_counter()
+        for seq, draft in zip(seqs, drafts):
+            stream, wire_id, _, t0 = pending[seq]
+            stream.send(draft_to_pb(wire_id, draft, self.weight_version, now - t0))
+            self.drafts_sent += 1
+
+
+def _unknown(wire_id: int, version: str) -> drafting_pb2.DrafterMessage:
+    return drafting_pb2.DrafterMessage(
+        draft=drafting_pb2.Draft(sequence_id=wire_id, unknown_sequence=True, weight_version=version))
+
+
+class DraftingServicer(drafting_pb2_grpc.DraftingServicer):
+    """grpc.aio servicer: one `Draft` call per verifier connection."""
+
+    def __init__(self, worker: DraftWorker):
+        self.worker = worker
+        self._ids = itertools.count()
+
+    async def Draft(self, request_iterator, context):
+        stream = _Stream(next(self._ids), asyncio.Queue(), asyncio.get_running_loop())
+        reader = asyncio.ensure_future(self._read(request_iterator, stream))
+        try:
+            while True:
+                msg = await stream.outbox.get()
+                if msg is _CLOSED:
+                    return
+                yield msg
+        finally:
+            reader.cancel()
+            self.worker.close_stream(stream)
+
+    async def _read(self, request_iterator, stream: _Stream) -> None:
+        try:
+            async for msg in request_iterator:
+                self.worker.inbox.put((stream, msg))
+        except (asyncio.CancelledError, grpc.RpcError):
+            pass
+        finally:
+            stream.outbox.put_nowait(_CLOSED)
+
+
+async def serve_drafting(worker: DraftWorker, host: str, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `worker` on host:port (0 = any free port); returns (server, port)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    drafting_pb2_grpc.add_DraftingServicer_to_server(DraftingServicer(worker), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the draft server to {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,258 @@
+"""The verifier side of the Drafting stream: remote drafter replicas behind the drafter protocol.
+
+`RemoteDrafterPool` is a drafter to the engine (start / propose / verdict / stop), but each
+sequence's drafts come from a drafter replica over a gRPC stream (one stream per replica,
+multiplexed by sequence id). A drafter can only cost speed:
+
+- `propose` waits for drafts at most `deadline_s`; a sequence whose draft is late is verified
+  without drafts this step (a late draft is recognised by counting answers and thrown away);
+- a sequence that misses `max_misses` deadlines in a row, or whose drafter says it does not
+  know it, is detached and later started again on a drafter (possibly another one) with its
+  whole context;
+- a broken stream (replica dead or scaled away) detaches all its sequences at once and keeps
+  its address out of the choice for `retry_s`.
+Nothing a drafter does changes what the verifier emits: drafts are only ever proposals.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from specserve.actors.convert import draft_from_pb, start_pb, stop_pb, verdict_pb
+from specserve.actors.engine.drafters import BaseDrafter, Draft, DraftRequest
+from specserve.actors.engine.request import SamplingParams
+from specserve.v1 import drafting_pb2_grpc
+
+log = logging.getLogger(__name__)
+_CLOSE = object()
+
+
+@dataclass(frozen=True)
+class DrafterEndpoint:
+    """A drafter replica's draft server, as the registry lists it."""
+
+    address: str  # host:port
+    node_id: str = ""
+    load: int = 0  # live sequences
+    weight_version: str = ""
+
+
+class _Link:
+    """One Drafting stream to one drafter replica; a reader thread hands drafts to the pool."""
+
+    def __init__(self, address: str, on_draft: Callable, on_broken: Callable):
+        self.address = address
+        self.broken = False
+        self._sendq: queue.SimpleQueue = queue.SimpleQueue()
+        self._channel = grpc.insecure_channel(address)
+        self._call = drafting_pb2_grpc.DraftingStub(self._channel).Draft(iter(self._sendq.get, _CLOSE))
+        self._on_draft, self._on_broken = on_draft, on_broken
+        threading.Thread(target=self._read, name=f"draft-link-{address}", daemon=True).start()
+
+    def send(self, msg) -> None:
+        if not self.broken:
+            self._sendq.put(msg)
+
+    def close(self) -> None:
+        self._sendq.put(_CLOSE)
+        self._call.cancel()
+        self._channel.close()
+
+    def _read(self) -> None:
+        try:
+            for msg in self._call:
+                self._on_draft(self, msg.draft)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                log.warning("draft stream to %s broke: %s", self.address, e.code().name)
+        except Exception:
+            log.exception("draft stream to %s failed", self.address)
+        finally:
+            self.broken = True
+            self._on_broken(self)
+
+
+@dataclass
+class _Remote:
+    """Where a sequence's drafts come from."""
+
+    link: _Link | None = None
+    outstanding: int = 0  # Starts/Verdicts sent and not yet answered
+    verdicts: list[tuple[int, int]] = field(default_factory=list)  # not yet sent (accepted, next_token)
+    waiting: bool = False
+    k: int = 0  # draft length asked for in the awaited round
+    result: Draft | None = None
+    sent_at: float = 0.0
+    starting: bool = False  # the awaited draft answers a Start (prefill): misses don't count
+    misses: int = 0
+    retry_at: float = 0.0
+    version: str = ""
+
+
+class RemoteDrafterPool(BaseDrafter):
+    """Drafts from drafter replicas listed by `endpoints()` (see module docstring)."""
+
+    name = "remote"
+
+    def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
+                 deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0):
+        super().__init__()
+        self.endpoints = endpoints
+        self.vocab_size = vocab_size
+        self.deadline_s = deadline_s
+        self.node_id = node_id
+        self.max_misses = max_misses
+        self.retry_s = retry_s
+        self.remote: dict[int, _Remote] = {}
+        self.links: dict[str, _Link] = {}
+        self.bad_until: dict[str, float] = {}
+        self.overheads: collections.deque = collections.deque(maxlen=4096)  # round trip minus drafting, s
+        self.misses = 0
+        self._cond = threading.Condition()
+
+    # -- the drafter protocol --------------------------------------------------------------------
+
+    def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        with self._cond:
+            super().start(seq_id, prompt_ids, params)
+            self.remote[seq_id] = _Remote()
+
+    def verdict(self, seq_id: int, accepted: int, next_token: int) -> None:
+        with self._cond:
+            super().verdict(seq_id, accepted, next_token)
+            rs = self.remote[seq_id]
+            if rs.link is not None:
+                rs.verdicts.append((accepted, next_token))
+
+    def stop(self, seq_id: int) -> None:
+        with self._cond:
+            rs = self.remote.pop(seq_id, None)
+            if rs is not None and rs.link is not None:
+                rs.link.send(stop_pb(seq_id))
+            super().stop(seq_id)
+
+    def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
+        """Ask each sequence's drafter for k tokens; wait for the answers until the deadline."""
+        with self._cond:
+            now = time.monotonic()
+            for r in reqs:
+                self._request(r.seq_id, r.k, now)
+            deadline = now + self.deadline_s
+            awaited = [self.remote[r.seq_id] for r in reqs if self.remote[r.seq_id].waiting]
+            while any(rs.result is None and rs.link is not None for rs in awaited):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return [self._collect(r) for r in reqs]
+
+    def version(self, seq_id: int) -> str:
+        """Weight version of the drafter whose last draft this sequence got."""
+        rs = self.remote.get(seq_id)
+        return rs.version if rs else ""
+
+    def close(self) -> None:
+        """Close every stream (the verifier is shutting down)."""
+        with self._cond:
+            links, self.links = list(self.links.values()), {}
+        for link in links:
+            link.close()
+
+    # -- requests and answers (under the lock) ----------------------------------------------------
+
+    def _request(self, seq_id: int, k: int, now: float) -> None:
+        rs = self.remote[seq_id]
+        rs.waiting, rs.result, rs.k = False, None, k
+        if rs.link is None and now >= rs.retry_at:
+            self._attach(seq_id, rs, k)
+        elif rs.link is not None and rs.verdicts:
+            for i, (accepted, nxt) in enumerate(rs.verdicts):
+                last = i == len(rs.verdicts) - 1
+                rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0))
+            rs.outstanding += len(rs.verdicts)
+            rs.verdicts, rs.starting, rs.waiting = [], False, k > 0
+        rs.sent_at = now
+
+    def _attach(self, seq_id: int, rs: _Remote, k: int) -> None:
+        link = self._choose_link()
+        if link is None:
+            rs.retry_at = time.monotonic() + self.retry_s
+            return
+        st = self.seqs[seq_id]
+        link.send(start_pb(seq_id, st.context, st.params, st.seed, k))
+        rs.link, rs.outstanding, rs.verdicts, rs.misses = link, 1, [], 0
+        rs.starting, rs.waiting = True, k > 0
+
+    def _choose_link(self) -> _Link | None:
+        """Least-loaded live drafter, same node preferred."""
+        now = time.monotonic()
+        try:
+            eps = [e for e in self.endpoints() if self.bad_until.get(e.address, 0) <= now]
+        except Exception:
+            log.exception("cannot list drafters")
+            return None
+        if not eps:
+            return None
+        ours = collections.Counter(rs.link.address for rs in self.remote.values() if rs.link is not None)
+        best = min(eps, key=lambda e: (e.node_id != self.node_id, ours[e.address] + e.load, e.address))
+        link = self.links.get(best.address)
+        if link is None or link.broken:
+            link = self.links[best.address] = _Link(best.address, self._on_draft, self._on_broken)
+        return link
+
+    def _collect(self, r: DraftRequest) -> Draft:
+        rs = self.remote[r.seq_id]
+        draft = rs.result if rs.result is not None else Draft([], requested=r.k)
+        if rs.waiting and rs.result is None and rs.link is not None:
+            self.misses += 1
+            if not rs.starting:
+                rs.misses += 1
+                if rs.misses >= self.max_misses:
+                    log.info("sequence %d: drafter %s too slow, detaching", r.seq_id, rs.link.address)
+                    self._detach(r.seq_id, rs)
+        elif rs.result is not None:
+            rs.misses = 0
+        rs.waiting, rs.result = False, None
+        self.seqs[r.seq_id].last_draft = draft.tokens
+        return draft
+
+    def _detach(self, seq_id: int, rs: _Remote, retry_s: float | None = None) -> None:
+        if rs.link is not None and not rs.link.broken:
+            rs.link.send(stop_pb(seq_id))
+        rs.link, rs.outstanding, rs.verdicts = None, 0, []
+        rs.retry_at = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
+
+    # -- reader threads -------------------------------------------------------------------------
+
+    def _on_draft(self, link: _Link, pb) -> None:
+        with self._cond:
+            rs = self.remote.get(pb.sequence_id)
+            if rs is None or rs.link is not link:
+                return  # a finished or re-attached sequence
+            rs.outstanding -= 1
+            if pb.unknown_sequence:
+                self._detach(pb.sequence_id, rs, retry_s=0.2)
+            elif rs.outstanding == 0 and rs.waiting:
+                sampled = not self.seqs[pb.sequence_id].params.greedy
+                rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled)
+                rs.version = pb.weight_version
+                self.overheads.append(max(0.0, time.monotonic() - rs.sent_at - pb.draft_seconds))
+            self._cond.notify_all()
+
+    def _on_broken(self, link: _Link) -> None:
+        with self._cond:
+            self.bad_until[link.address] = time.monotonic() + 5 * self.retry_s
+            if self.links.get(link.address) is link:
+                del self.links[link.address]
+            for seq_id, rs in self.remote.items():
+                if rs.link is link:
+                    self._detach(seq_id, rs, retry_s=0.0)
+            self._cond.notify_all()

@@ -1,0 +1,191 @@
+"""The one YAML file that describes a deployment: models, pools, resources, speculation.
+
+Validated by pydantic with `extra="forbid"`, so a typo is an error rather than a silent
+default. `to_serve_config` turns it into a Ray Serve config (ServeDeploySchema shape): the
+application is built by `specserve.cluster.app:build_app` from this config, and pool sizes go
+into the per-deployment overrides so that scaling drafters changes one number without
+redeploying the verifiers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+APP_NAME = "specserve"
+VERIFIER = "Verifier"
+DRAFTER = "Drafter"
+DEFAULT_GRPC_PORT = 50051
+SERVICER_FUNCTIONS = [
+    "specserve.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or invalid; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(Strict):
+    """Which checkpoints to serve."""
+
+    target: str | None = Field(None, description="Target checkpoint directory; unset = the demo target.")
+    drafter: str = Field("model", description="'model' (the demo drafter), 'ngram', 'none' or a checkpoint directory.")
+    dtype: str = Field("float32", description="Weights dtype on the device: float32, bfloat16 or float16.")
+
+
+class Placement(Strict):
+    """Where a pool's replicas may run: plain Ray scheduling resources."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU. >0 runs on CUDA.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'A100'.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Node labels a replica's node must carry.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+
+    def actor_options(self) -> dict:
+        """Serve's ray_actor_options for this placement."""
+        opts: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        if self.labels:
+            opts["label_selector"] = dict(self.labels)
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        return opts
+
+
+class VerifierPool(Placement):
+    """The verifiers: the target model, the client-facing gRPC ingress."""
+
+    replicas: int = Field(1, ge=1, description="Verifier replicas.")
+    max_num_seqs: int = Field(16, ge=1, description="Sequences decoded together (the running batch).")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a batch slot; beyond it RESOURCE_EXHAUSTED.")
+    max_seq_len: int = Field(2048, ge=16, description="Longest sequence (prompt + output) a slot holds.")
+
+
+class DrafterAutoscaling(Strict):
+    """Serve autoscaling of the drafter pool from drafter load (sequences per replica)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest drafter replicas.")
+    max_replicas: int = Field(4, ge=1, description="Most drafter replicas.")
+    target_sequences_per_replica: float = Field(8.0, gt=0, description="Live sequences one replica should carry.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DrafterPool(Placement):
+    """The drafters: draft model or n-gram table, each replica serving draft streams over gRPC."""
+
+    replicas: int = Field(1, ge=0, description="Drafter replicas (ignored when autoscaling is set).")
+    autoscaling: DrafterAutoscaling | None = Field(None, description="Scale the pool with its load instead.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences one replica drafts for at once.")
+    host: str | None = Field(None, description="Address the draft server binds; unset = the node's IP.")
+
+
+class SpeculationConfig(Strict):
+    """How the verifier uses drafts."""
+
+    k_max: int = Field(8, ge=1, le=32, description="Longest draft block.")
+    confidence_threshold: float = Field(0.4, ge=0, le=1, description="Drafter stops when its top probability falls below.")
+    draft_deadline_ms: float = Field(50.0, gt=0, description="Longest wait for a draft; a late sequence decodes without.")
+    pipelined: bool = Field(True, description="Drafters draft block n+1 while block n is verified.")
+
+
+class ServerConfig(Strict):
+    """The client-facing gRPC port (Serve's gRPC proxy)."""
+
+    grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of the Generation service.")
+    http_port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy (unused by clients).")
+
+
+class SpecserveConfig(Strict):
+    """A whole deployment."""
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Checkpoints.")
+    verifier: VerifierPool = Field(default_factory=VerifierPool, description="Verifier pool.")
+    drafter: DrafterPool = Field(default_factory=DrafterPool, description="Drafter pool.")
+    speculation: SpeculationConfig = Field(default_factory=SpeculationConfig, description="Speculation policy.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Client port.")
+
+    def app_args(self) -> dict:
+        """The application builder's arguments: everything but pool sizes (see module doc)."""
+        return self.model_dump(mode="json")
+
+    def drafter_deployment(self) -> dict:
+        """Serve's per-deployment override for the drafter pool."""
+        d = self.drafter
+        out = {"name": DRAFTER, "ray_actor_options": d.actor_options(), "max_ongoing_requests": 1000}
+        if d.autoscaling:
+            out["autoscaling_config"] = {
+                "min_replicas": d.autoscaling.min_replicas,
+                "max_replicas": d.autoscaling.max_replicas,
+                "upscale_delay_s": 3.0,
+                "downscale_delay_s": 30.0,
+                "policy": {
+                    "policy_function": "specserve.cluster.autoscale:drafter_policy",
+                    "policy_kwargs": {"target_sequences_per_replica": d.autoscaling.target_sequences_per_replica},
+                },
+            }
+        else:
+            out["num_replicas"] = d.replicas
+        return out
+
+    def verifier_deployment(self) -> dict:
+        """Serve's per-deployment override for the verifier pool."""
+        v = self.verifier
+        # the ingress must accept every stream it may batch or queue; admission control is ours
+        ongoing = v.max_num_seqs + v.max_queue + 16
+        return {"name": VERIFIER, "num_replicas": v.replicas, "ray_actor_options": v.actor_options(),
+                "max_ongoing_requests": ongoing}
+
+    def to_serve_config(self) -> dict:
+        """A Ray Serve config (ServeDeploySchema) deploying this configuration."""
+        return {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": "0.0.0.0", "port": self.server.http_port},
+            "grpc_options": {"port": self.server.grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)},
+            "applications": [{
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "specserve.cluster.app:build_app",
+                "args": self.app_args(),
+                "deployments": [self.verifier_deployment(), self.drafter_deployment()],
+            }],
+        }
+
+
+def parse_config(data: dict | None) -> SpecserveConfig:
+    """Validate a config mapping, raising ConfigError that names the offending field."""
+    try:
+        return SpecserveConfig.model_validate(data or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"{loc}: {err['msg']}") from None
+
+
+def load_config(path: str | Path | None) -> SpecserveConfig:
+    """The config in a YAML file, or the defaults (demo pair, one of each pool) when None."""
+    if path is None:
+        return SpecserveConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return parse_config(data)

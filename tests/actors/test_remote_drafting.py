@@ -1,0 +1,141 @@
+"""The engine drafting over real gRPC streams: lossless, and a drafter can only cost speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from specserve.actors.engine.drafters import ModelDrafter
+from specserve.actors.engine.request import make_params
+from specserve.actors.remote_drafter import RemoteDrafterPool
+
+from .drafting import DraftServerThread
+from .engine.tiny import always_drafting_engine, build_model, family_config, hf_greedy, runner
+
+NEW_TOKENS = 24
+PROMPTS = [[7], [3, 41, 9, 88], [5, 6, 7, 5, 6, 7, 5, 6, 7], list(range(20, 34))]
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = build_model(family_config("llama"), seed=0)
+    drafter = build_model(family_config("llama", layers=1), seed=1)
+    return target, drafter, [hf_greedy(target, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def remote_engine(target_model, servers, k_max=4, deadline_s=5.0, **pool_kwargs):
+    endpoints = [s.endpoint for s in servers]
+    pool = RemoteDrafterPool(lambda: [e for e in endpoints], target_model.config.vocab_size,
+                             deadline_s=deadline_s, **pool_kwargs)
+    return always_drafting_engine(runner(target_model), pool, k_max), pool
+
+
+def model_server(model, **kwargs) -> DraftServerThread:
+    return DraftServerThread(ModelDrafter(runner(model, max_num_seqs=8), confidence_threshold=0.0), **kwargs)
+
+
+def test_greedy_output_through_remote_drafter_equals_transformers(models):
+    target, drafter, want = models
+    server = model_server(drafter)
+    try:
+        engine, pool = remote_engine(target, [server])
+        results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == want
+        assert sum(r.stats.drafted for r in results) > 0 and server.worker.drafts_sent > 0
+        pool.close()
+    finally:
+        server.stop()
+
+
+def test_the_target_drafting_for_itself_over_the_wire_has_every_draft_accepted(models):
+    target, _, want = models
+    server = model_server(target)
+    try:
+        engine, pool = remote_engine(target, [server])
+        results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == want
+        for r in results:
+            assert r.stats.drafted > NEW_TOKENS // 2 and r.stats.accepted == r.stats.drafted
+        pool.close()
+    finally:
+        server.stop()
+
+
+def test_seeded_sampling_over_the_wire_equals_the_in_process_drafter(models):
+    """q crosses the wire exactly: the same seed gives the same tokens as drafting in-process."""
+    target, drafter, _ = models
+    params = make_params(max_tokens=NEW_TOKENS, temperature=1.0, top_k=20, seed=1234)
+    local = always_drafting_engine(runner(target), ModelDrafter(runner(drafter), confidence_threshold=0.0), 4)
+    want = [r.token_ids for r in local.generate(PROMPTS, params)]
+    server = model_server(drafter)
+    try:
+        engine, pool = remote_engine(target, [server])
+        results = engine.generate(PROMPTS, params)
+        assert [r.token_ids for r in results] == want
+        assert sum(r.stats.accepted for r in results) > 0
+        pool.close()
+    finally:
+        server.stop()
+
+
+def test_a_drafter_killed_mid_generation_changes_nothing_and_sequences_move_to_another(models):
+    target, drafter, want = models
+    first, second = model_server(drafter), model_server(drafter)
+    engine, pool = remote_engine(target, [first, second], retry_s=0.05)
+    try:
+        ids = [engine.add_request(p, make_params(max_tokens=NEW_TOKENS)) for p in PROMPTS]
+        out = {i: [] for i in ids}
+        steps = 0
+        while engine.seqs:
+            for o in engine.step():
+                out[o.seq_id].extend(o.new_tokens)
+                if o.finish_reason:
+                    engine.release(o.seq_id)
+            steps += 1
+            if steps == 3:
+                busiest = max((first, second), key=lambda s: s.worker.load)
+                busiest.stop()
+                survivor = second if busiest is first else first
+                sent_before = survivor.worker.drafts_sent
+        assert [out[i] for i in ids] == want
+        assert survivor.worker.drafts_sent > sent_before  # re-attached sequences got drafts again
+    finally:
+        pool.close()
+        for s in (first, second):
+            if s is not busiest:
+                s.stop()
+
+
+class SlowDrafter(ModelDrafter):
+    """Fault injection: every draft takes `delay_s` longer than it should."""
+
+    delay_s = 0.3
+
+    def propose(self, reqs):
+        time.sleep(self.delay_s)
+        return super().propose(reqs)
+
+
+def test_a_slow_drafter_misses_its_deadline_and_the_output_is_unchanged(models):
+    target, drafter, want = models
+    server = DraftServerThread(SlowDrafter(runner(drafter, max_num_seqs=8), confidence_threshold=0.0))
+    try:
+        engine, pool = remote_engine(target, [server], deadline_s=0.02, retry_s=0.05)
+        start = time.monotonic()
+        results = engine.generate(PROMPTS[:2], make_params(max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == want[:2]
+        assert pool.misses > 0
+        # detached after max_misses: far fewer than one slow round per step
+        assert time.monotonic() - start < NEW_TOKENS * SlowDrafter.delay_s / 2
+        pool.close()
+    finally:
+        server.stop()
+
+
+def test_no_drafter_at_all_decodes_plainly(models):
+    target, _, want = models
+    engine, pool = remote_engine(target, [])
+    results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
+    assert [r.token_ids for r in results] == want
+    assert all(r.stats.drafted == 0 for r in results)
