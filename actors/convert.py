@@ -106,8 +106,8 @@ def draft_from_pb(pb: drafting_pb2.Draft, requested: int, vocab_size: int, sampl
     """
     tokens = list(pb.tokens)[:requested]
     if any(t >= vocab_size for t in tokens) or (sampled and tokens and len(pb.q) < len(tokens)):
-        return Draft([], requested=requested)
-    draft = Draft(tokens, forwards=pb.forward_passes, requested=requested)
+        return Draft([], requested=requested, seconds=pb.draft_seconds)
+    draft = Draft(tokens, forwards=pb.forward_passes, requested=requested, seconds=pb.draft_seconds)
     if pb.q and tokens:
         rows = list(pb.q)[: len(tokens)]
         if len(rows) != len(tokens) or any(len(r.token_ids) != len(r.probs) or not r.token_ids for r in rows):

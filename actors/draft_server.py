@@ -61,6 +61,10 @@ class DraftWorker:
         """Live sequences (the registry's load figure and the autoscaling metric)."""
         return len(self.seq_ids)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -110,7 +114,7 @@ class DraftWorker:
             wave.append(item)
 
     def _handle(self, wave: list) -> None:
-        pending: dict[int, tuple[_Stream, int, int, float]] = {}  # seq -> (stream, wire id, k, t0)
+        pending: dict[int, tuple[_Stream, int, int]] = {}  # seq -> (stream, wire id, k)
         for stream, msg in wave:
             if msg is None:
                 self._drop_stream(stream)
@@ -121,19 +125,18 @@ class DraftWorker:
             if seq is not None and seq in pending:  # answer the earlier message first: order matters
                 self._answer(pending)
                 pending = {}
-            t0 = time.perf_counter()
             if kind == "start":
                 seq = self._start(stream, msg.start)
                 if seq is None:
                     stream.send(_unknown(wire_id, self.weight_version))
                 else:
-                    pending[seq] = (stream, wire_id, msg.start.k, t0)
+                    pending[seq] = (stream, wire_id, msg.start.k)
             elif kind == "verdict":
                 if seq is None:
                     stream.send(_unknown(wire_id, self.weight_version))
                     continue
                 self.drafter.verdict(seq, msg.verdict.accepted, msg.verdict.next_token)
-                pending[seq] = (stream, wire_id, msg.verdict.k, t0)
+                pending[seq] = (stream, wire_id, msg.verdict.k)
             elif kind == "stop" and seq is not None:
                 self._stop(stream.stream_id, wire_id)
         if pending:
@@ -164,13 +167,15 @@ class DraftWorker:
         for key in [k for k in self.seq_ids if k[0] == stream.stream_id]:
             self._stop(*key)
 
-    def _answer(self, pending: dict[int, tuple[_Stream, int, int, float]]) -> None:
+    def _answer(self, pending: dict[int, tuple[_Stream, int, int]]) -> None:
+        """One batched propose for every sequence of the wave; its time is each draft's time."""
         seqs = list(pending)
+        t0 = time.perf_counter()
         drafts = self.drafter.propose([DraftRequest(s, pending[s][2]) for s in seqs])
-        now = time.perf_counter()
+        seconds = time.perf_counter() - t0
         for seq, draft in zip(seqs, drafts):
-            stream, wire_id, _, t0 = pending[seq]
-            stream.send(draft_to_pb(wire_id, draft, self.weight_version, now - t0))
+            stream, wire_id, _ = pending[seq]
+            stream.send(draft_to_pb(wire_id, draft, self.weight_version, seconds))
             self.drafts_sent += 1
 
 

@@ -116,6 +116,7 @@ class RemoteDrafterPool(BaseDrafter):
         self.bad_until: dict[str, float] = {}
         self.overheads: collections.deque = collections.deque(maxlen=4096)  # round trip minus drafting, s
         self.misses = 0
+        self._fresh_overheads: list[float] = []
         self._cond = threading.Condition()
 
     # -- the drafter protocol --------------------------------------------------------------------
@@ -158,6 +159,12 @@ class RemoteDrafterPool(BaseDrafter):
         """Weight version of the drafter whose last draft this sequence got."""
         rs = self.remote.get(seq_id)
         return rs.version if rs else ""
+
+    def take_overheads(self) -> list[float]:
+        """Round-trip overheads measured since the last call (for metrics)."""
+        with self._cond:
+            fresh, self._fresh_overheads = self._fresh_overheads, []
+        return fresh
 
     def close(self) -> None:
         """Close every stream (the verifier is shutting down)."""
@@ -243,8 +250,12 @@ class RemoteDrafterPool(BaseDrafter):
             elif rs.outstanding == 0 and rs.waiting:
                 sampled = not self.seqs[pb.sequence_id].params.greedy
                 rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled)
+                if rs.starting:  # its wait includes the drafter's prefill: not a cost sample
+                    rs.result.forwards, rs.result.seconds = 0, None
                 rs.version = pb.weight_version
-                self.overheads.append(max(0.0, time.monotonic() - rs.sent_at - pb.draft_seconds))
+                overhead = max(0.0, time.monotonic() - rs.sent_at - pb.draft_seconds)
+                self.overheads.append(overhead)
+                self._fresh_overheads.append(overhead)
             self._cond.notify_all()
 
     def _on_broken(self, link: _Link) -> None:

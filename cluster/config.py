@@ -133,7 +133,7 @@ class SpecserveConfig(Strict):
                 "upscale_delay_s": 3.0,
                 "downscale_delay_s": 30.0,
                 "policy": {
-                    "policy_function": "specserve.cluster.autoscale:drafter_policy",
+                    "policy_function": "specserve.cluster.autoscale:DrafterPolicy",
                     "policy_kwargs": {"target_sequences_per_replica": d.autoscaling.target_sequences_per_replica},
                 },
             }
@@ -160,7 +160,8 @@ class SpecserveConfig(Strict):
                 "route_prefix": "/",
                 "import_path": "specserve.cluster.app:build_app",
                 "args": self.app_args(),
-                "deployments": [self.verifier_deployment(), self.drafter_deployment()],
+                "deployments": [self.verifier_deployment()]
+                + ([] if self.models.drafter == "none" else [self.drafter_deployment()]),
             }],
         }
 

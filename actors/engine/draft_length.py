@@ -25,6 +25,7 @@ class DraftLengthConfig:
     time_ema: float = 0.1  # weight of the latest measurement in the cost model
     recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
+    probe_every: int = 32  # with speculation off this many steps, draft one token to re-measure its cost
 
 
 class CostModel:
@@ -43,6 +44,10 @@ class CostModel:
         """A drafting call of `forwards` drafter forward passes took `seconds`."""
         if forwards > 0:
             self.draft_step_s = self._ema(self.draft_step_s, seconds / forwards)
+
+    def observe_rtt(self, seconds: float) -> None:
+        """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`."""
+        self.rtt_s = self._ema(self.rtt_s, max(0.0, seconds))
 
     def observe_verify(self, n: int, seconds: float) -> None:
         """A verification forward with blocks of `n` positions took `seconds`."""

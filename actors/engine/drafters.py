@@ -30,6 +30,7 @@ class Draft:
     q_probs: torch.Tensor | None = None  # [k', m] float32
     forwards: int = 0  # drafter forward passes spent on this draft
     requested: int = 0  # the k that was asked for (0: speculation was off for this step)
+    seconds: float | None = None  # drafting time measured by a remote drafter (None: local, timed by the caller)
 
 
 @dataclass

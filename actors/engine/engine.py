@@ -43,6 +43,7 @@ class Sequence:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    off_steps: int = 0  # consecutive steps the policy chose not to draft
     finish_reason: str | None = None
 
     def stats(self) -> SpecStats:
@@ -137,6 +138,9 @@ class SpeculativeEngine:
                 k = self.policy.k_max
             if k is None:
                 k = best_draft_length(s.tracker.alpha, self.cost, self.policy.k_max)
+                s.off_steps = s.off_steps + 1 if k == 0 else 0
+                if s.off_steps >= self.policy.probe_every:  # re-measure what drafting costs now
+                    k, s.off_steps = 1, 0
             ks.append(min(k, s.params.max_tokens - len(s.generated) - 1))
         return ks
 
@@ -147,7 +151,12 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         drafts = self.drafter.propose([DraftRequest(s.seq_id, k) for s, k in zip(seqs, ks)])
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
-        self.cost.observe_draft(forwards, elapsed)
+        remote = [d.seconds for d in drafts if d.seconds is not None]
+        if remote:  # a remote drafter: its own drafting time, and the rest is the round trip
+            self.cost.observe_draft(forwards, max(remote))
+            self.cost.observe_rtt(elapsed - max(remote))
+        else:
+            self.cost.observe_draft(forwards, elapsed)
         self.timing.draft_s += elapsed
         self.timing.draft_forwards += forwards
         return drafts

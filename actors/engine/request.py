@@ -12,7 +12,10 @@ class InvalidRequestError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return type(self), (self.field, self.message)
 
 
 class SamplingParams(BaseModel):

@@ -68,6 +68,13 @@ class ModelRunner:
         """A runner for the checkpoint directory at `path`."""
         return cls(load_model(path, cfg.dtype, cfg.device), cfg)
 
+    @staticmethod
+    def vocab_size_of(path: str | Path) -> int:
+        """Vocabulary size of the checkpoint at `path`, without loading its weights."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path).vocab_size
+
     # -- sequence bookkeeping -----------------------------------------------------------------
 
     def add_sequence(self) -> int:

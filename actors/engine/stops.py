@@ -44,6 +44,21 @@ class StopChecker:
             self._cut = min(hits)
         return bool(hits)
 
+    def stable_text(self, generated: list[int]) -> str:
+        """Text of an unfinished request that later tokens will not change, for streaming.
+
+        Holds back a trailing incomplete UTF-8 character and any ending that could be the
+        start of a stop string (it would be cut if the stop string completes).
+        """
+        text = self._decode(generated).rstrip("\ufffd")
+        hold = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:n]):
+                    hold = n
+                    break
+        return text[: len(text) - hold]
+
     def final_text(self, generated: list[int]) -> str:
         """The response text: decoded tokens, cut before a stop string if one ended it."""
         text = self._decode(generated[:-1] if self._by_id else generated)

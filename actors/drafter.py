@@ -1,0 +1,92 @@
+"""The drafter replica: a draft model (or n-gram table) behind its own gRPC draft server.
+
+It receives no Serve requests: verifiers find it in the registry and open Drafting streams
+to it directly. Serve still owns its lifecycle (replicas, placement, autoscaling from the
+load reported by `record_autoscaling_stats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray import serve
+
+from specserve.actors.draft_server import DraftWorker, serve_drafting
+from specserve.actors.engine.build import EngineSpec, build_drafter
+from specserve.actors.engine.runner import ModelRunner
+from specserve.actors.metrics import DrafterMetrics
+from specserve.actors.registry import DrafterRecord, get_registry
+from specserve.actors.settings import DTYPES, DrafterSettings, assigned_device
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+
+
+class Drafter:
+    """One drafter replica (see module docstring)."""
+
+    async def __init__(self, settings: DrafterSettings):
+        self.settings = settings
+        self.device = assigned_device()
+        m = settings.models
+        spec = EngineSpec(m.target_path, m.drafter_kind, m.drafter_path, max_num_seqs=settings.max_num_seqs,
+                          max_seq_len=settings.max_seq_len, dtype=DTYPES[m.dtype], device=self.device,
+                          confidence_threshold=settings.confidence_threshold)
+        vocab = ModelRunner.vocab_size_of(m.target_path)
+        self.worker = DraftWorker(build_drafter(spec, vocab), settings.weight_version, settings.max_num_seqs,
+                                  settings.pipelined)
+        self.worker.start()
+        host = settings.host or ray.util.get_node_ip_address()
+        self.server, port = await serve_drafting(self.worker, host)
+        self.address = f"{host}:{port}"
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.metrics = DrafterMetrics()
+        self._stopping = False
+        await self._heartbeat_once()
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+        log.info("drafter %s serving drafts on %s (%s)", self.replica_id, self.address, self.device)
+
+    def record(self) -> DrafterRecord:
+        return DrafterRecord(self.replica_id, self.address, self.node_id, self.device, self.worker.load,
+                             self.worker.weight_version)
+
+    async def _heartbeat_once(self) -> None:
+        await get_registry().heartbeat.remote(self.record())
+        self.metrics.sequences.set(self.worker.load)
+
+    async def _heartbeat(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._heartbeat_once()
+            except Exception as e:  # registry restarting: the next beat re-registers us
+                log.warning("heartbeat failed: %s", e)
+
+    async def record_autoscaling_stats(self) -> dict:
+        """Serve autoscaling metric: the sequences this replica drafts for."""
+        return {"sequences": float(self.worker.load)}
+
+    def info(self) -> dict:
+        return {"address": self.address, "device": self.device, "sequences": self.worker.load,
+                "weight_version": self.worker.weight_version}
+
+    async def check_health(self) -> None:
+        if not self.worker.alive:
+            raise RuntimeError("the draft worker thread died")
+
+    async def __del__(self):
+        """Drain: leave the registry so no new sequence comes, give live ones time, stop."""
+        self._stopping = True
+        try:
+            await get_registry().deregister.remote(self.replica_id)
+        except Exception:
+            pass
+        for _ in range(20):
+            if self.worker.load == 0:
+                break
+            await asyncio.sleep(0.1)
+        await self.server.stop(grace=1.0)
+        self.worker.stop()

@@ -1,0 +1,68 @@
+"""What the verifier and drafter replicas are built from (plain values; cluster/ fills them in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specserve.actors.demo import demo_path
+from specserve.actors.engine.build import DRAFTER_KINDS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Target checkpoint and drafter choice; unset target = the demo pair."""
+
+    target: str | None = None
+    drafter: str = "model"  # model | ngram | none | a checkpoint directory
+    dtype: str = "float32"
+
+    @property
+    def target_path(self) -> Path:
+        return Path(self.target) if self.target else demo_path("target")
+
+    @property
+    def drafter_kind(self) -> str:
+        return self.drafter if self.drafter in DRAFTER_KINDS else "model"
+
+    @property
+    def drafter_path(self) -> Path | None:
+        if self.drafter == "model":
+            return demo_path("drafter") if self.target is None else None
+        return None if self.drafter in DRAFTER_KINDS else Path(self.drafter)
+
+
+@dataclass(frozen=True)
+class VerifierSettings:
+    """A verifier replica."""
+
+    models: ModelChoice
+    max_num_seqs: int = 16
+    max_seq_len: int = 2048
+    max_queue: int = 64
+    k_max: int = 8
+    draft_deadline_ms: float = 50.0
+
+
+@dataclass(frozen=True)
+class DrafterSettings:
+    """A drafter replica."""
+
+    models: ModelChoice
+    max_num_seqs: int = 64
+    max_seq_len: int = 2048
+    confidence_threshold: float = 0.4
+    pipelined: bool = True
+    host: str | None = None
+    weight_version: str = "demo-v0"
+
+
+def assigned_device() -> str:
+    """CUDA when Ray gave this actor a GPU (and one is usable), else the CPU."""
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"

@@ -1,0 +1,116 @@
+"""The verifier replica: target model, scheduler, and the client-facing `Generation` service.
+
+Serve's gRPC proxy routes `specserve.v1.Generation/Generate` (and the standard health check)
+to these methods; the class itself is plain and becomes a Serve deployment in cluster/app.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import ray
+from grpc_health.v1 import health_pb2
+
+from specserve.actors.convert import params_from_pb, prompt_from_pb, response_pb
+from specserve.actors.engine.build import load_tokenizer
+from specserve.actors.engine.draft_length import DraftLengthConfig
+from specserve.actors.engine.engine import SpeculativeEngine
+from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.errors import status_for
+from specserve.actors.metrics import VerifierMetrics
+from specserve.actors.registry import get_registry
+from specserve.actors.remote_drafter import DrafterEndpoint, RemoteDrafterPool
+from specserve.actors.scheduler import Scheduler
+from specserve.actors.settings import DTYPES, VerifierSettings, assigned_device
+
+log = logging.getLogger(__name__)
+
+
+class Verifier:
+    """One verifier replica (see module docstring)."""
+
+    def __init__(self, settings: VerifierSettings):
+        self.settings = settings
+        self.device = assigned_device()
+        models = settings.models
+        cfg = RunnerConfig(settings.max_num_seqs, settings.max_seq_len, None, DTYPES[models.dtype], self.device)
+        target = ModelRunner.from_pretrained(models.target_path, cfg)
+        self.tokenizer = load_tokenizer(models.target_path)
+        self._endpoints: list[DrafterEndpoint] = []
+        self.pool = None
+        if models.drafter_kind != "none":
+            self.pool = RemoteDrafterPool(lambda: self._endpoints, target.vocab_size,
+                                          deadline_s=settings.draft_deadline_ms / 1000,
+                                          node_id=ray.get_runtime_context().get_node_id())
+        engine = SpeculativeEngine(target, self.tokenizer, self.pool, DraftLengthConfig(k_max=settings.k_max))
+        self.metrics = VerifierMetrics()
+        self.scheduler = Scheduler(engine, settings.max_queue, on_step=self._on_step)
+        if self.pool is not None:
+            threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
+
+    def _poll_registry(self) -> None:
+        """Keep a fresh copy of the drafter list, off the hot path."""
+        registry = None
+        while not self.scheduler.draining:
+            try:
+                registry = registry or get_registry()
+                records = ray.get(registry.list.remote(), timeout=5)
+                self._endpoints = [DrafterEndpoint(r.address, r.node_id, r.load, r.weight_version) for r in records]
+                self.metrics.drafter_pool_size.set(len(records))
+            except Exception as e:  # the registry restarting: keep the last list, look it up again
+                log.warning("drafter registry unavailable: %s", e)
+                registry = None
+            time.sleep(0.5)
+
+    def _on_step(self, report) -> None:
+        self.metrics.on_step(report)
+        if self.pool is not None:
+            self.metrics.observe_overheads(self.pool)
+
+    async def Generate(self, request, grpc_context=None):
+        """Stream the continuation of one prompt (specserve.v1.Generation/Generate)."""
+        request_id = request.request_id or uuid.uuid4().hex
+        timer = self.metrics.request_timer()
+        try:
+            prompt = prompt_from_pb(request, self.tokenizer)
+            req = self.scheduler.submit(prompt, params_from_pb(request))
+            first = True
+            async for chunk in self.scheduler.stream(req):
+                timer.tokens(len(chunk.token_ids))
+                msg = response_pb(request_id, chunk.token_ids, chunk.text, chunk.finish_reason, chunk.stats,
+                                  chunk.drafter_version)
+                if first:
+                    msg.prompt_token_ids.extend(prompt)
+                    first = False
+                yield msg
+            timer.done("ok")
+        except Exception as e:
+            code, details = status_for(e)
+            timer.done(code.name)
+            if code.name == "INTERNAL":
+                log.exception("request %s failed", request_id)
+            if grpc_context is not None:
+                grpc_context.set_code(code)
+                grpc_context.set_details(details)
+            raise
+
+    async def Check(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Check: NOT_SERVING once draining."""
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if self.scheduler.draining else \
+            health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def load(self) -> dict:
+        """Running and waiting requests (for `specserve status`)."""
+        running, waiting = self.scheduler.load
+        return {"running": running, "waiting": waiting, "device": self.device}
+
+    def __del__(self):
+        """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop."""
+        self.scheduler.drain(timeout_s=30)
+        self.scheduler.shutdown()
+        if self.pool is not None:
+            self.pool.close()

@@ -1,0 +1,110 @@
+"""A small Python client for the Generation service.
+
+    client = Client("localhost:50051")
+    for chunk in client.stream(prompt="def fibonacci(n):", max_tokens=64):
+        print(chunk.text, end="")
+    reply = client.generate(prompt="def fibonacci(n):")   # the whole reply at once
+
+`UNAVAILABLE` before the first token (a verifier restarting, a replica draining) is retried
+with exponential backoff; once tokens have streamed, an error ends the stream, since a retry
+would repeat them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+
+from specserve.v1 import generation_pb2, generation_pb2_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass
+class Reply:
+    """A whole generation as the client saw it."""
+
+    request_id: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    drafter_version: str = ""
+    elapsed_s: float = 0.0
+    ttft_s: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk, s since the call
+
+
+def finish_name(reason: int) -> str:
+    """'length', 'stop', 'cancelled' or 'error' (the engine's names)."""
+    return generation_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def request_pb(prompt: str | None = None, prompt_token_ids: list[int] | None = None, request_id: str = "",
+               **params) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest; params are the proto's field names (max_tokens, temperature, ...)."""
+    return generation_pb2.GenerateRequest(request_id=request_id, prompt=prompt or "",
+                                          prompt_token_ids=prompt_token_ids or [],
+                                          **{k: v for k, v in params.items() if v is not None})
+
+
+class Client:
+    """Calls `specserve.v1.Generation/Generate` on a specserve server."""
+
+    def __init__(self, address: str = "localhost:50051", retries: int = 5, backoff_s: float = 0.2,
+                 timeout_s: float | None = None, metadata: list[tuple[str, str]] | None = None):
+        self.address = address
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.metadata = metadata
+        self._channel = grpc.insecure_channel(address)
+        self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def stream(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+               **params) -> Iterator[generation_pb2.GenerateResponse]:
+        """The responses of one request as they arrive (retrying UNAVAILABLE before the first)."""
+        req = request_pb(prompt, prompt_token_ids, **params)
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                for msg in self._stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata):
+                    started = True
+                    yield msg
+                return
+            except grpc.RpcError as e:
+                if started or e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(self.backoff_s * 2**attempt)
+
+    def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, **params) -> Reply:
+        """Run one request to the end and return everything it produced."""
+        reply, start = Reply(), time.perf_counter()
+        for msg in self.stream(prompt, prompt_token_ids, **params):
+            now = time.perf_counter() - start
+            if not reply.chunk_times:
+                reply.ttft_s = now
+            reply.chunk_times.append(now)
+            reply.request_id = msg.request_id
+            reply.prompt_token_ids.extend(msg.prompt_token_ids)
+            reply.token_ids.extend(msg.token_ids)
+            reply.text += msg.text
+            reply.drafted, reply.accepted, reply.steps = msg.stats.drafted, msg.stats.accepted, msg.stats.steps
+            reply.drafter_version = msg.stats.drafter_version or reply.drafter_version
+            if msg.finish_reason:
+                reply.finish_reason = finish_name(msg.finish_reason)
+        reply.elapsed_s = time.perf_counter() - start
+        return reply

@@ -1,0 +1,120 @@
+"""Start or join a Ray cluster, deploy the specserve application, scale it, report on it."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import ray
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from specserve.actors.registry import NAMESPACE, get_registry
+from specserve.cluster.config import APP_NAME, DRAFTER, SpecserveConfig
+
+
+class DeployError(RuntimeError):
+    """The application did not come up; the message says which deployment and why."""
+
+
+def connect(address: str | None, num_cpus: float | None = None, temp_dir: str | None = None) -> None:
+    """Join the cluster at `address`, or start a local one (None)."""
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"namespace": NAMESPACE, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **kwargs)
+
+
+def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None) -> None:
+    """Deploy (or update) the application and wait until it is running."""
+    serve_config = cfg.to_serve_config()
+    serve.start(http_options=serve_config["http_options"], grpc_options=serve_config["grpc_options"],
+                proxy_location=serve_config["proxy_location"])
+    get_registry()  # before the drafters, so their first heartbeat finds it
+    _client().deploy_apps(ServeDeploySchema.model_validate(serve_config))
+    wait_running(timeout_s, progress)
+
+
+def _client():
+    from ray.serve._private.api import serve_start
+
+    return serve_start()
+
+
+def wait_running(timeout_s: float, progress=None) -> None:
+    """Block until the application is RUNNING; raise DeployError if it fails or times out."""
+    end, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < end:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            state = (app.status, tuple(sorted((n, d.status) for n, d in app.deployments.items())))
+            if progress and state != last:
+                progress(" ".join([f"application {app.status}:"] + [f"{n} {s}" for n, s in state[1]]))
+            last = state
+            if app.status == "RUNNING":
+                return
+            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                details = "; ".join(f"{n}: {d.message}" for n, d in app.deployments.items() if d.message)
+                raise DeployError(f"{app.status}: {app.message or details}")
+        time.sleep(0.5)
+    raise DeployError(f"the application was not running after {timeout_s:.0f} s")
+
+
+def scale_drafters(cfg: SpecserveConfig, replicas: int, timeout_s: float = 300.0, progress=None) -> None:
+    """Set the drafter pool to `replicas` without touching the verifiers (a config-only update)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.drafter.replicas = replicas
+    cfg.drafter.autoscaling = None
+    _client().deploy_apps(ServeDeploySchema.model_validate(cfg.to_serve_config()))
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        dep = serve.status().applications[APP_NAME].deployments[DRAFTER]
+        running = dep.replica_states.get("RUNNING", 0)
+        if running == replicas and sum(dep.replica_states.values()) == replicas:
+            return
+        if progress:
+            progress(f"drafters: {dict(dep.replica_states)} -> {replicas}")
+        time.sleep(1.0)
+    raise DeployError(f"the drafter pool did not reach {replicas} replicas in {timeout_s:.0f} s")
+
+
+def deployed_config() -> SpecserveConfig:
+    """The specserve config the running application was deployed with."""
+    from specserve.cluster.config import parse_config
+
+    details = _client().get_serve_details()
+    app = details["applications"].get(APP_NAME) if isinstance(details, dict) else None
+    if not app or not app.get("deployed_app_config"):
+        raise DeployError("no specserve application is deployed on this cluster")
+    return parse_config(app["deployed_app_config"]["args"])
+
+
+def status() -> dict:
+    """Pools, replicas and live drafter registrations."""
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        raise DeployError("no specserve application is deployed on this cluster")
+    pools = {name: {"status": d.status, "replicas": dict(d.replica_states)} for name, d in app.deployments.items()}
+    drafters = ray.get(get_registry().list_dicts.remote(), timeout=10)
+    return {"application": app.status, "pools": pools, "drafters": drafters}
+
+
+def shutdown() -> None:
+    """Tear the application and Serve down, then disconnect."""
+    try:
+        serve.shutdown()
+    finally:
+        try:
+            ray.kill(get_registry(create=False))
+        except Exception:
+            pass
+        ray.shutdown()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
