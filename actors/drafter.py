@@ -51,7 +51,7 @@ class Drafter:
 
     def record(self) -> DrafterRecord:
         return DrafterRecord(self.replica_id, self.address, self.node_id, self.device, self.worker.load,
-                             self.worker.weight_version)
+                             self.worker.weight_version, ray.get_runtime_context().get_actor_name() or "")
 
     async def _heartbeat_once(self) -> None:
         await get_registry().heartbeat.remote(self.record())

@@ -28,6 +28,7 @@ class DrafterRecord:
     device: str
     load: int  # live sequences
     weight_version: str
+    actor_name: str = ""  # the replica's Ray actor (namespace "serve"), for operators and fault tests
 
 
 class DrafterRegistry:

@@ -10,7 +10,7 @@ import torch
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.build import DRAFTER_KINDS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)

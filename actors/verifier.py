@@ -12,6 +12,7 @@ import time
 import uuid
 
 import ray
+from ray import serve
 from grpc_health.v1 import health_pb2
 
 from specserve.actors.convert import params_from_pb, prompt_from_pb, response_pb
@@ -106,7 +107,10 @@ class Verifier:
     def load(self) -> dict:
         """Running and waiting requests (for `specserve status`)."""
         running, waiting = self.scheduler.load
-        return {"running": running, "waiting": waiting, "device": self.device}
+        return {"running": running, "waiting": waiting, "device": self.device,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "replica_id": serve.get_replica_context().replica_id.unique_id,
+                "draft_misses": self.pool.misses if self.pool else 0}
 
     def __del__(self):
         """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop."""

@@ -26,6 +26,11 @@ def _train_demo(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from specserve.cluster.local import generate_local, set_threads
 
+    if args.server:
+        from specserve.cluster.commands import generate_remote
+
+        return generate_remote(args)
+
     set_threads(args.threads)
     return generate_local(args)
 
@@ -39,8 +44,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with speculative decoding (in-process)")
+    p = sub.add_parser("generate", help="generate text with speculative decoding (in-process or --server)")
     p.add_argument("prompt", help="prompt text")
+    p.add_argument("--server", default=None, help="host:port of a running specserve server (default: in-process)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of a --server call, seconds")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
@@ -72,12 +79,49 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_bench)
 
 
+def _cluster_command(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from specserve.cluster import commands
+
+        return getattr(commands, name)(args)
+
+    return run
+
+
+def _add_cluster(sub) -> None:
+    address_help = "Ray cluster address (default: start a local cluster)"
+    p = sub.add_parser("serve", help="deploy specserve on a Ray cluster (local by default)")
+    p.add_argument("config", nargs="?", default=None, help="specserve YAML config (default: the demo pair)")
+    p.add_argument("--address", default=None, help=address_help + "; with it, deploy and return")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (overrides server.grpc_port)")
+    p.set_defaults(func=_cluster_command("serve_cmd"))
+
+    p = sub.add_parser("status", help="pools, replicas and drafters of a running deployment")
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cluster_command("status_cmd"))
+
+    p = sub.add_parser("scale", help="resize the drafter pool of a running deployment")
+    p.add_argument("pool", choices=["drafters"], help="the pool to scale")
+    p.add_argument("replicas", type=int, help="number of replicas")
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.set_defaults(func=_cluster_command("scale_cmd"))
+
+    p = sub.add_parser("demo", help="local cluster with the demo pair: stream a few generations, shut down")
+    p.add_argument("config", nargs="?", default=None, help="specserve YAML config (default: the demo pair)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--prompts", type=int, default=4, help="how many demo prompts")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
+    p.set_defaults(func=_cluster_command("demo_cmd"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their flags."""
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    _add_cluster(sub)
     p = sub.add_parser("train-demo", help="train the demo tokenizer, target and drafter from stdlib sources")
     p.add_argument("--out", required=True, help="output directory (gets target/ and drafter/)")
     p.add_argument("--target-minutes", type=float, default=60.0, help="wall-clock budget for the target")
@@ -101,13 +145,14 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `specserve` script. Bad input is an error message, not a traceback."""
     from specserve.actors.engine.request import InvalidRequestError
+    from specserve.cluster.config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
         return args.func(args)
-    except (InvalidRequestError, FileNotFoundError) as e:
+    except (InvalidRequestError, ConfigError, FileNotFoundError) as e:
         print(f"specserve: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ redeploying the verifiers.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,7 +38,8 @@ class ModelsConfig(Strict):
 
     target: str | None = Field(None, description="Target checkpoint directory; unset = the demo target.")
     drafter: str = Field("model", description="'model' (the demo drafter), 'ngram', 'none' or a checkpoint directory.")
-    dtype: str = Field("float32", description="Weights dtype on the device: float32, bfloat16 or float16.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
+        "float32", description="Weights dtype on the device (float64: bit-stable batching, for tests).")
 
 
 class Placement(Strict):
@@ -119,8 +121,13 @@ class SpecserveConfig(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="Client port.")
 
     def app_args(self) -> dict:
-        """The application builder's arguments: everything but pool sizes (see module doc)."""
-        return self.model_dump(mode="json")
+        """The application builder's arguments: everything but pool sizes (see module doc).
+
+        Serve rebuilds (and restarts every replica of) an application whose arguments change;
+        keeping replica counts out of them makes scaling a pool a config-only update.
+        """
+        sizes = {"verifier": {"replicas"}, "drafter": {"replicas", "autoscaling"}}
+        return self.model_dump(mode="json", exclude=sizes)
 
     def drafter_deployment(self) -> dict:
         """Serve's per-deployment override for the drafter pool."""

@@ -39,9 +39,10 @@ def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None) -> Non
 
 
 def _client():
-    from ray.serve._private.api import serve_start
+    """Serve's controller client (Serve must have been started on this cluster)."""
+    from ray.serve.context import _get_global_client
 
-    return serve_start()
+    return _get_global_client()
 
 
 def wait_running(timeout_s: float, progress=None) -> None:
@@ -71,12 +72,13 @@ def scale_drafters(cfg: SpecserveConfig, replicas: int, timeout_s: float = 300.0
     _client().deploy_apps(ServeDeploySchema.model_validate(cfg.to_serve_config()))
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        dep = serve.status().applications[APP_NAME].deployments[DRAFTER]
-        running = dep.replica_states.get("RUNNING", 0)
-        if running == replicas and sum(dep.replica_states.values()) == replicas:
-            return
-        if progress:
-            progress(f"drafters: {dict(dep.replica_states)} -> {replicas}")
+        app = serve.status().applications.get(APP_NAME)
+        dep = app.deployments.get(DRAFTER) if app else None  # absent while the update is applied
+        if dep is not None:
+            if dep.replica_states.get("RUNNING", 0) == replicas == sum(dep.replica_states.values()):
+                return
+            if progress:
+                progress(f"drafters: {dict(dep.replica_states)} -> {replicas}")
         time.sleep(1.0)
     raise DeployError(f"the drafter pool did not reach {replicas} replicas in {timeout_s:.0f} s")
 

@@ -1,0 +1,140 @@
+"""CLI commands that talk to a cluster: serve, generate --server, status, scale, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import grpc
+
+from specserve.actors.engine.request import GenerationResult, SpecStats
+from specserve.cluster.client import Client, Reply
+from specserve.cluster.config import ConfigError, load_config
+from specserve.cluster.local import result_json, stats_line
+
+DEMO_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\ndef list_files(path):",
+                "def read_json(path):"]
+
+
+def reply_json(reply: Reply) -> dict:
+    """The same `--json` shape as in-process generation."""
+    result = GenerationResult(reply.prompt_token_ids, reply.token_ids, reply.text, reply.finish_reason,
+                              SpecStats(reply.drafted, reply.accepted, reply.steps), reply.elapsed_s)
+    out = result_json(result)
+    out["drafter_version"] = reply.drafter_version
+    out["ttft_s"] = round(reply.ttft_s, 6)
+    return out
+
+
+def generate_remote(args) -> int:
+    """`specserve generate --server host:port`: stream from a running server."""
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed, stop=args.stop or [])
+    with Client(args.server, timeout_s=args.timeout) as client:
+        try:
+            if args.json:
+                print(json.dumps(reply_json(client.generate(args.prompt, **params))))
+                return 0
+            reply = _stream_to_stdout(client, args.prompt, params)
+        except grpc.RpcError as e:
+            print(f"specserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    print()
+    print(stats_line(reply_json(reply)))
+    return 0
+
+
+def _stream_to_stdout(client: Client, prompt: str, params: dict, echo_prompt: bool = True) -> Reply:
+    reply, start = Reply(), time.perf_counter()
+    if echo_prompt:
+        print(prompt, end="", flush=True)
+    for msg in client.stream(prompt, **params):
+        if not reply.chunk_times:
+            reply.ttft_s = time.perf_counter() - start
+        reply.chunk_times.append(time.perf_counter() - start)
+        print(msg.text, end="", flush=True)
+        reply.prompt_token_ids.extend(msg.prompt_token_ids)
+        reply.token_ids.extend(msg.token_ids)
+        reply.text += msg.text
+        reply.drafted, reply.accepted, reply.steps = msg.stats.drafted, msg.stats.accepted, msg.stats.steps
+        reply.drafter_version = msg.stats.drafter_version or reply.drafter_version
+        if msg.finish_reason:
+            from specserve.cluster.client import finish_name
+
+            reply.finish_reason = finish_name(msg.finish_reason)
+    reply.elapsed_s = time.perf_counter() - start
+    return reply
+
+
+def serve_cmd(args) -> int:
+    """`specserve serve [config.yaml]`: deploy; with a local cluster, serve until interrupted."""
+    from specserve.cluster import serving
+
+    cfg = load_config(args.config)
+    if args.port:
+        cfg.server.grpc_port = args.port
+    serving.connect(args.address)
+    serving.deploy(cfg, progress=serving.log)
+    serving.log(f"specserve is serving specserve.v1.Generation on port {cfg.server.grpc_port}")
+    if args.address:
+        return 0  # the application lives on in the cluster
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serving.log("shutting down")
+    finally:
+        serving.shutdown()
+    return 0
+
+
+def status_cmd(args) -> int:
+    """`specserve status`: pools, replicas, drafters and their load."""
+    from specserve.cluster import serving
+
+    serving.connect(args.address)
+    info = serving.status()
+    if args.json:
+        print(json.dumps(info, default=str))
+        return 0
+    print(f"application: {info['application']}")
+    for name, pool in info["pools"].items():
+        print(f"  {name}: {pool['status']}  replicas {pool['replicas']}")
+    print(f"drafters registered: {len(info['drafters'])}")
+    for d in info["drafters"]:
+        print(f"  {d['replica_id']}  {d['address']}  {d['device']}  sequences {d['load']}  version {d['weight_version']}")
+    return 0
+
+
+def scale_cmd(args) -> int:
+    """`specserve scale drafters N`: resize the drafter pool; verifiers are not touched."""
+    from specserve.cluster import serving
+
+    if args.pool != "drafters":
+        raise ConfigError("only the drafter pool scales independently; change verifier.replicas in the config")
+    serving.connect(args.address)
+    serving.scale_drafters(serving.deployed_config(), args.replicas, progress=serving.log)
+    serving.log(f"drafter pool at {args.replicas} replicas")
+    return 0
+
+
+def demo_cmd(args) -> int:
+    """The main job: a local cluster with the demo pair, a few streamed generations, clean shutdown."""
+    from specserve.cluster import serving
+
+    cfg = load_config(args.config)
+    cfg.server.grpc_port = args.port
+    serving.log("starting a local Ray cluster and deploying the demo pair (verifier + drafter)...")
+    serving.connect(None)
+    try:
+        serving.deploy(cfg, progress=serving.log)
+        with Client(f"127.0.0.1:{args.port}") as client:
+            for prompt in DEMO_PROMPTS[: args.prompts]:
+                print(f"\n--- {prompt!r}")
+                reply = _stream_to_stdout(client, prompt, {"max_tokens": args.max_tokens})
+                print("\n" + stats_line(reply_json(reply)) + f"  drafter {reply.drafter_version or '-'}")
+    finally:
+        serving.log("shutting down")
+        serving.shutdown()
+    return 0

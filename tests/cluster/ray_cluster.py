@@ -1,0 +1,42 @@
+"""A real Ray cluster with Serve and the specserve application, for one test module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import grpc
+
+from specserve.cluster.config import parse_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_test_env() -> str:
+    """Own temp dir (short: Ray's socket paths are length-limited) and no token auth on loopback."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return tempfile.mkdtemp(prefix="ssr-", dir="/tmp")
+
+
+def demo_config(**overrides):
+    """The demo pair in float64 (batching cannot flip an argmax) on free ports, small caches."""
+    data = {
+        "models": {"dtype": "float64"},
+        "verifier": {"num_cpus": 0.5, "max_num_seqs": 8, "max_queue": 24, "max_seq_len": 256},
+        "drafter": {"num_cpus": 0.5, "replicas": 2, "max_num_seqs": 64, "host": "127.0.0.1"},
+        "speculation": {"draft_deadline_ms": 200},
+        "server": {"grpc_port": free_port(), "http_port": free_port()},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return parse_config(data)
+
+
+def channel(cfg) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{cfg.server.grpc_port}")
