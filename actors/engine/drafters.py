@@ -51,7 +51,15 @@ class SeqState:
     prompt_len: int
     last_draft: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot (model drafter)
-    fed: int = 0  # context tokens already in the drafter's KV cache (model drafter)
+    fed: int = 0  # tokens of context + drafts already in the drafter's KV cache (model drafter)
+    # pipelined drafting (model drafter): work done while the last draft is being verified
+    awaiting: bool = False  # the last draft is out for verification
+    last_k: int = 0  # k asked for last time: how far to draft ahead
+    guess: int | None = None  # predicted next_token if the whole last draft is accepted
+    ahead: Draft | None = None  # drafts after last_draft + [guess]
+    ahead_done: bool = False  # the confidence stop ended `ahead`
+    ready: Draft | None = None  # `ahead` after a verdict that confirmed it: the next draft's start
+    ready_done: bool = False
 
 
 class BaseDrafter:
@@ -151,6 +159,12 @@ class ModelDrafter(BaseDrafter):
     verification block. When sampling, each draft token is sampled from q = the request's
     distribution over the drafter's logits truncated to its `top_m` tokens, and exactly that
     sparse q is returned for verification.
+
+    Pipelined drafting: while a draft is out for verification, `draft_ahead` guesses the
+    verifier's next token (the drafter's argmax after the whole draft) and drafts on from it.
+    A verdict that accepts the whole draft and emits the guessed token makes that work the
+    start of the next draft; any other verdict discards it. Drafted ahead or not, a token is
+    chosen by the same rule with the same random numbers, so only timing changes.
     """
 
     name = "model"
@@ -160,6 +174,8 @@ class ModelDrafter(BaseDrafter):
         self.runner = runner
         self.confidence_threshold = confidence_threshold
         self.top_m = top_m
+        self.ahead_hits = 0  # verdicts that confirmed pipelined work
+        self.ahead_misses = 0  # verdicts that discarded it
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a cache slot and prefill all but the last prompt token (admission, not drafting)."""
@@ -179,34 +195,101 @@ class ModelDrafter(BaseDrafter):
     def verdict(self, seq_id: int, accepted: int, next_token: int) -> None:
         st = self.seqs[seq_id]
         base = len(st.context)
+        hit = st.guess == next_token and accepted == len(st.last_draft)
         super().verdict(seq_id, accepted, next_token)
-        # the cache holds context + fed drafts; keep only the drafts the verifier accepted
-        st.fed = min(st.fed, base + accepted)
-        self.runner.truncate(st.slot, st.fed)
+        if hit and st.ahead is not None:
+            # the cache holds context + ahead drafts, all still valid: keep them
+            st.ready, st.ready_done = st.ahead, st.ahead_done
+            self.ahead_hits += 1
+        else:
+            self.ahead_misses += st.guess is not None
+            # the cache holds context + fed drafts; keep only the drafts the verifier accepted
+            st.fed = min(st.fed, base + accepted)
+            self.runner.truncate(st.slot, st.fed)
+            st.ready = None
+        st.awaiting, st.guess, st.ahead, st.ahead_done = False, None, None, False
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
-        live = [r for r in reqs if r.k > 0]
-        drafts = {r.seq_id: Draft([], requested=r.k) for r in reqs}
+        drafts = {r.seq_id: self._from_ready(r) for r in reqs}
+        live = [r for r in reqs if r.k > 0 and not self._ready_complete(r, drafts[r.seq_id])]
         if live:
             self._draft_rounds(live, drafts)
         for r in reqs:
-            self.seqs[r.seq_id].last_draft = drafts[r.seq_id].tokens
+            st = self.seqs[r.seq_id]
+            st.last_draft, st.awaiting, st.last_k = drafts[r.seq_id].tokens, True, r.k
+            st.ready = None
         return [drafts[r.seq_id] for r in reqs]
 
+    def _from_ready(self, r: DraftRequest) -> Draft:
+        """The start of this sequence's draft that pipelined drafting already produced."""
+        st = self.seqs[r.seq_id]
+        draft = Draft([], requested=r.k)
+        if st.ready is not None and r.k > 0 and st.ready.tokens:
+            take = min(r.k, len(st.ready.tokens))
+            draft.tokens = st.ready.tokens[:take]
+            if st.ready.q_ids is not None:
+                draft.q_ids, draft.q_probs = st.ready.q_ids[:take], st.ready.q_probs[:take]
+        return draft
+
+    def _ready_complete(self, r: DraftRequest, draft: Draft) -> bool:
+        """Nothing more to draft: k reached, or the ready draft already hit the confidence stop."""
+        st = self.seqs[r.seq_id]
+        return len(draft.tokens) >= r.k or (st.ready is not None and st.ready_done
+                                             and len(draft.tokens) == len(st.ready.tokens))
+
     def _draft_rounds(self, live: list[DraftRequest], drafts: dict[int, Draft]) -> None:
-        """Autoregressive drafting: first round feeds each sequence's unfed context."""
-        feeds = {r.seq_id: self.seqs[r.seq_id].context[self.seqs[r.seq_id].fed :] for r in live}
+        """Autoregressive drafting: the first round feeds each sequence's unfed tokens."""
         active = list(live)
         while active:
-            logits = self._forward([self.seqs[r.seq_id] for r in active], [feeds[r.seq_id] for r in active])
+            states = [self.seqs[r.seq_id] for r in active]
+            feeds = [self._unfed(st, st.context + drafts[r.seq_id].tokens) for r, st in zip(active, states)]
+            logits = self._forward(states, feeds)
             still = []
-            for row, r in enumerate(active):
-                token, keep = self._pick(r.seq_id, logits[row], drafts[r.seq_id])
-                drafts[r.seq_id].forwards += 1
-                if keep and len(drafts[r.seq_id].tokens) < r.k:
-                    feeds[r.seq_id] = [token]
+            for row, (r, st) in enumerate(zip(active, states)):
+                draft = drafts[r.seq_id]
+                keep = self._pick(st, logits[row], draft, len(st.context) + len(draft.tokens))
+                draft.forwards += 1
+                if keep and len(draft.tokens) < r.k:
                     still.append(r)
             active = still
+
+    # -- pipelined drafting ----------------------------------------------------------------------
+
+    def _wants_ahead(self, st: SeqState) -> bool:
+        if not st.awaiting or st.last_k == 0 or st.ahead_done:
+            return False
+        return st.guess is None or st.ahead is None or len(st.ahead.tokens) < st.last_k
+
+    def has_ahead_work(self) -> bool:
+        return any(self._wants_ahead(st) for st in self.seqs.values())
+
+    def draft_ahead(self) -> None:
+        """One batched forward of pipelined drafting for every sequence awaiting a verdict."""
+        work = [st for st in self.seqs.values() if self._wants_ahead(st)]
+        if not work:
+            return
+        futures = [st.context + st.last_draft + ([] if st.guess is None else [st.guess])
+                   + (st.ahead.tokens if st.ahead else []) for st in work]
+        logits = self._forward(work, [self._unfed(st, f) for f, st in zip(futures, work)])
+        for st, future, row in zip(work, futures, logits):
+            if st.guess is None:
+                st.guess, st.ahead = int(row.argmax()), Draft([])
+                continue
+            position = len(future)  # == len(context after the hoped-for verdict) + drafted ahead
+            st.ahead_done = not self._pick(st, row, st.ahead, position)
+
+    # -- one forward and one token ----------------------------------------------------------------
+
+    def _unfed(self, st: SeqState, future: list[int]) -> list[int]:
+        """Tokens of `future` not in the cache yet: at least one, so a forward gives the next logits.
+
+        The cache always holds a prefix of context + drafts; when it already holds all of
+        `future` (or drafts past it), it is cut back so the last token is fed again.
+        """
+        if st.fed >= len(future):
+            st.fed = len(future) - 1
+            self.runner.truncate(st.slot, st.fed)
+        return future[st.fed :]
 
     def _forward(self, states: list[SeqState], feeds: list[list[int]]) -> torch.Tensor:
         """Feed each sequence its tokens; logits at each row's last fed token.  # [batch, vocab]"""
@@ -224,26 +307,27 @@ class ModelDrafter(BaseDrafter):
         last = torch.zeros(len(feeds), dtype=torch.long) if same else torch.tensor(n_valid) - 1
         return logits[torch.arange(len(feeds)), last]
 
-    def _pick(self, seq_id: int, logits: torch.Tensor, draft: Draft) -> tuple[int, bool]:
-        """Choose the next draft token; returns (token, whether it was kept)."""
-        st = self.seqs[seq_id]
+    def _pick(self, st: SeqState, logits: torch.Tensor, draft: Draft, length: int) -> bool:
+        """Append the next draft token to `draft` unless the confidence stop says no.
+
+        `length` is the length of the sequence the token follows (context + drafts before it):
+        it keys the random numbers, so a token drafted ahead equals the one drafted later.
+        """
         if st.params.greedy:
-            probs = torch.softmax(logits.float(), dim=-1)
-            conf, token = probs.max(dim=-1)
+            conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
             if float(conf) < self.confidence_threshold:
-                return int(token), False
+                return False
             draft.tokens.append(int(token))
-            return int(token), True
+            return True
         p = st.params
         q = sampling_probs(logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_k]),
                            torch.tensor([p.top_p], dtype=torch.float64))[0]
         ids, probs = truncate_top_m(q, self.top_m)
-        position = len(st.context) - st.prompt_len + len(draft.tokens)
-        noise = randomness.exp_noise(st.seed, position, ids.shape[0], randomness.DRAFT)
+        noise = randomness.exp_noise(st.seed, length - st.prompt_len, ids.shape[0], randomness.DRAFT)
         token = int(ids[sample_from(probs, noise)])
         if float(probs[0]) < self.confidence_threshold:
-            return token, False
+            return False
         draft.tokens.append(token)
         draft.q_ids = ids.view(1, -1) if draft.q_ids is None else torch.cat([draft.q_ids, ids.view(1, -1)])
         draft.q_probs = probs.view(1, -1) if draft.q_probs is None else torch.cat([draft.q_probs, probs.view(1, -1)])
-        return token, True
+        return True

@@ -139,3 +139,29 @@ def test_no_drafter_at_all_decodes_plainly(models):
     results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
     assert [r.token_ids for r in results] == want
     assert all(r.stats.drafted == 0 for r in results)
+
+
+def test_pipelined_drafting_over_the_wire_is_lossless_and_its_ahead_work_gets_used(models):
+    target, _, want = models
+    server = model_server(target, pipelined=True)  # the target drafting for itself: guesses are right
+    try:
+        engine, pool = remote_engine(target, [server])
+        results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == want
+        assert all(r.stats.accepted == r.stats.drafted > 0 for r in results)
+        assert server.worker.drafter.ahead_hits > 0
+        pool.close()
+    finally:
+        server.stop()
+
+
+def test_pipelined_drafting_with_a_different_drafter_is_lossless(models):
+    target, drafter, want = models
+    server = model_server(drafter, pipelined=True)
+    try:
+        engine, pool = remote_engine(target, [server])
+        assert [r.token_ids for r in engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))] == want
+        assert server.worker.drafter.ahead_hits + server.worker.drafter.ahead_misses > 0
+        pool.close()
+    finally:
+        server.stop()

@@ -1,0 +1,79 @@
+"""Pipelined drafting: work done ahead while a draft is verified is exactly the work done later."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specserve.actors.engine.drafters import DraftRequest, ModelDrafter
+from specserve.actors.engine.request import make_params
+
+from .tiny import always_drafting_engine, build_model, family_config, hf_greedy, runner
+
+PROMPT = [3, 41, 9, 88, 12]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(family_config("llama", layers=1), seed=1)
+
+
+def fresh(model) -> ModelDrafter:
+    return ModelDrafter(runner(model), confidence_threshold=0.0)
+
+
+@pytest.mark.parametrize("params", [make_params(), make_params(temperature=1.0, top_k=20, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_a_confirmed_ahead_draft_equals_the_draft_made_after_the_verdict(model, params):
+    ahead, plain = fresh(model), fresh(model)
+    for d in (ahead, plain):
+        d.start(0, PROMPT, params)
+    first = ahead.propose([DraftRequest(0, 3)])[0]
+    assert plain.propose([DraftRequest(0, 3)])[0].tokens == first.tokens
+    while ahead.has_ahead_work():
+        ahead.draft_ahead()
+    guess = ahead.seqs[0].guess
+    for d in (ahead, plain):  # the verifier accepts everything and emits the guessed token
+        d.verdict(0, len(first.tokens), guess)
+    got, want = ahead.propose([DraftRequest(0, 3)])[0], plain.propose([DraftRequest(0, 3)])[0]
+    assert ahead.ahead_hits == 1
+    assert got.tokens == want.tokens and len(got.tokens) == 3
+    assert got.forwards == 0 < want.forwards  # no forward pass left to do after the verdict
+    if not params.greedy:
+        assert got.q_ids.tolist() == want.q_ids.tolist()
+        assert torch.allclose(got.q_probs, want.q_probs, atol=1e-6)
+
+
+def test_a_rejecting_verdict_discards_ahead_work_and_drafting_goes_on_correctly(model):
+    ahead, plain = fresh(model), fresh(model)
+    for d in (ahead, plain):
+        d.start(0, PROMPT, make_params())
+    first = ahead.propose([DraftRequest(0, 4)])[0]
+    plain.propose([DraftRequest(0, 4)])
+    while ahead.has_ahead_work():
+        ahead.draft_ahead()
+    wrong = (ahead.seqs[0].guess + 1) % 96
+    for d in (ahead, plain):  # one draft accepted, then a token the drafter did not guess
+        d.verdict(0, 1, wrong)
+    assert ahead.ahead_misses == 1 and ahead.ahead_hits == 0
+    assert ahead.propose([DraftRequest(0, 4)])[0].tokens == plain.propose([DraftRequest(0, 4)])[0].tokens
+    assert ahead.seqs[0].context == plain.seqs[0].context == PROMPT + first.tokens[:1] + [wrong]
+
+
+def test_ahead_drafting_taken_in_part_keeps_the_cache_consistent(model):
+    """k shrinks after drafting ahead: the unused ahead tokens must not leak into later drafts."""
+    target = build_model(family_config("llama"), seed=0)
+    want = hf_greedy(target, PROMPT, 20)
+    drafter = fresh(model)
+    engine = always_drafting_engine(runner(target), drafter, 4)
+    seq = engine.add_request(PROMPT, make_params(max_tokens=20))
+    out, ks = [], iter([4, 1, 3, 2, 4, 1] * 10)
+    while engine.seqs:
+        while drafter.has_ahead_work():
+            drafter.draft_ahead()
+        engine.policy = type(engine.policy)(k_max=next(ks), alpha_ema=0.0)
+        for o in engine.step():
+            out.extend(o.new_tokens)
+            if o.finish_reason:
+                engine.release(seq)
+    assert out == want
