@@ -18,7 +18,7 @@ from specserve.actors.engine.build import EngineSpec, build_drafter
 from specserve.actors.engine.runner import ModelRunner
 from specserve.actors.metrics import DrafterMetrics
 from specserve.actors.registry import DrafterRecord, get_registry
-from specserve.actors.settings import DTYPES, DrafterSettings, assigned_device
+from specserve.actors.settings import DTYPES, DrafterSettings, assigned_device, use_threads
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
@@ -30,6 +30,7 @@ class Drafter:
     async def __init__(self, settings: DrafterSettings):
         self.settings = settings
         self.device = assigned_device()
+        use_threads(settings.threads)
         m = settings.models
         spec = EngineSpec(m.target_path, m.drafter_kind, m.drafter_path, max_num_seqs=settings.max_num_seqs,
                           max_seq_len=settings.max_seq_len, dtype=DTYPES[m.dtype], device=self.device,
@@ -51,7 +52,8 @@ class Drafter:
 
     def record(self) -> DrafterRecord:
         return DrafterRecord(self.replica_id, self.address, self.node_id, self.device, self.worker.load,
-                             self.worker.weight_version, ray.get_runtime_context().get_actor_name() or "")
+                             self.worker.weight_version, ray.get_runtime_context().get_actor_name() or "",
+                             serve.get_replica_context().app_name)
 
     async def _heartbeat_once(self) -> None:
         await get_registry().heartbeat.remote(self.record())

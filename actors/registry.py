@@ -29,6 +29,7 @@ class DrafterRecord:
     load: int  # live sequences
     weight_version: str
     actor_name: str = ""  # the replica's Ray actor (namespace "serve"), for operators and fault tests
+    app: str = ""  # the Serve application it belongs to: verifiers draft only with their own
 
 
 class DrafterRegistry:

@@ -36,6 +36,12 @@ class Chunk:
     drafter_version: str = ""
 
 
+def _merge(a: Chunk, b: Chunk) -> Chunk:
+    """Two consecutive chunks of a request as one."""
+    return Chunk(a.token_ids + b.token_ids, a.text + b.text, b.finish_reason, b.stats,
+                 b.drafter_version or a.drafter_version)
+
+
 @dataclass
 class StepReport:
     """One engine step, for metrics."""
@@ -103,6 +109,13 @@ class Scheduler:
                 item = await req.out.get()
                 if isinstance(item, BaseException):
                     raise item
+                # a slow reader gets what piled up as one chunk, not one message per step
+                while not item.finish_reason and not req.out.empty():
+                    more = req.out.get_nowait()
+                    if isinstance(more, BaseException):
+                        req.out.put_nowait(more)  # raised after what came before it
+                        break
+                    item = _merge(item, more)
                 yield item
                 if item.finish_reason:
                     return

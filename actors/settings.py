@@ -46,6 +46,7 @@ class VerifierSettings:
     max_queue: int = 64
     k_max: int = 8
     draft_deadline_ms: float = 50.0
+    threads: int = 1  # torch CPU threads (the pool's num_cpus)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ class DrafterSettings:
     pipelined: bool = True
     host: str | None = None
     weight_version: str = "demo-v0"
+    threads: int = 1  # torch CPU threads (the pool's num_cpus)
+
+
+def use_threads(threads: int) -> None:
+    """torch's CPU threads in this replica: as many as the CPUs Ray reserved for it."""
+    torch.set_num_threads(max(1, threads))
 
 
 def assigned_device() -> str:

@@ -7,6 +7,7 @@ to these methods; the class itself is plain and becomes a Serve deployment in cl
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from specserve.actors.metrics import VerifierMetrics
 from specserve.actors.registry import get_registry
 from specserve.actors.remote_drafter import DrafterEndpoint, RemoteDrafterPool
 from specserve.actors.scheduler import Scheduler
-from specserve.actors.settings import DTYPES, VerifierSettings, assigned_device
+from specserve.actors.settings import DTYPES, VerifierSettings, assigned_device, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ class Verifier:
 
     def __init__(self, settings: VerifierSettings):
         self.settings = settings
+        self.app = serve.get_replica_context().app_name
         self.device = assigned_device()
+        use_threads(settings.threads)
         models = settings.models
         cfg = RunnerConfig(settings.max_num_seqs, settings.max_seq_len, None, DTYPES[models.dtype], self.device)
         target = ModelRunner.from_pretrained(models.target_path, cfg)
@@ -59,7 +62,8 @@ class Verifier:
             try:
                 registry = registry or get_registry()
                 records = ray.get(registry.list.remote(), timeout=5)
-                self._endpoints = [DrafterEndpoint(r.address, r.node_id, r.load, r.weight_version) for r in records]
+                self._endpoints = [DrafterEndpoint(r.address, r.node_id, r.load, r.weight_version)
+                                   for r in records if r.app == self.app]
                 self.metrics.drafter_pool_size.set(len(records))
             except Exception as e:  # the registry restarting: keep the last list, look it up again
                 log.warning("drafter registry unavailable: %s", e)
@@ -110,7 +114,9 @@ class Verifier:
         return {"running": running, "waiting": waiting, "device": self.device,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "replica_id": serve.get_replica_context().replica_id.unique_id,
-                "draft_misses": self.pool.misses if self.pool else 0}
+                "draft_misses": self.pool.misses if self.pool else 0,
+                "draft_overhead_p50_ms": (round(1000 * statistics.median(self.pool.overheads), 3)
+                                          if self.pool and self.pool.overheads else None)}
 
     def __del__(self):
         """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop."""

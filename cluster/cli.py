@@ -39,6 +39,13 @@ def _bench(args: argparse.Namespace) -> int:
     from specserve.cluster.bench_local import bench_main
     from specserve.cluster.local import set_threads
 
+    if args.serving:
+        from specserve.cluster.bench_serving import bench_serving_main
+
+        args.out = args.out or "runs/bench_serving.json"
+        return bench_serving_main(args)
+    args.out = args.out or "runs/bench_local.json"
+
     set_threads(args.threads)
     return bench_main(args)
 
@@ -66,8 +73,8 @@ def _add_generate(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark plain vs speculative decoding (in-process) and the HF peer")
-    p.add_argument("--prompts", type=int, default=8, help="number of held-out code prompts")
+    p = sub.add_parser("bench", help="benchmark plain vs speculative decoding (in-process and HF peer, or --serving)")
+    p.add_argument("--prompts", type=int, default=8, help="number of held-out code prompts (--serving: per level)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--k-max", type=int, default=8, help="longest draft block")
     p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence threshold")
@@ -75,7 +82,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one is fastest for the small demo models at batch 1)")
-    p.add_argument("--out", default="runs/bench_local.json", help="where to write the JSON report")
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON report (default runs/bench_local.json or runs/bench_serving.json)")
+    p.add_argument("--serving", action="store_true",
+                   help="benchmark the deployed system through gRPC: plain vs synchronous vs pipelined drafting")
+    p.add_argument("--concurrency", default="1,4,16,32", help="--serving: concurrency levels")
+    p.add_argument("--rounds", type=int, default=3, help="--serving: rounds per level (variants interleaved)")
+    p.add_argument("--port", type=int, default=50061, help="--serving: gRPC port of the local benchmark cluster")
     p.set_defaults(func=_bench)
 
 

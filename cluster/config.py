@@ -78,6 +78,15 @@ class DrafterAutoscaling(Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest drafter replicas.")
     max_replicas: int = Field(4, ge=1, description="Most drafter replicas.")
     target_sequences_per_replica: float = Field(8.0, gt=0, description="Live sequences one replica should carry.")
+    upscale_delay_s: float = Field(3.0, ge=0, description=(
+        "How long the load must call for more replicas before one is added; short, since a missing "
+        "drafter costs speed at once."))
+    downscale_delay_s: float = Field(30.0, ge=0, description=(
+        "How long the load must call for fewer replicas before one is removed; long, so that a lull "
+        "does not stop warm drafters."))
+    look_back_period_s: float = Field(30.0, gt=0, description=(
+        "Window of drafter load Serve averages over for each decision (Serve's default); replicas "
+        "report about every 10 s, so keep it above that."))
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -137,8 +146,9 @@ class SpecserveConfig(Strict):
             out["autoscaling_config"] = {
                 "min_replicas": d.autoscaling.min_replicas,
                 "max_replicas": d.autoscaling.max_replicas,
-                "upscale_delay_s": 3.0,
-                "downscale_delay_s": 30.0,
+                "upscale_delay_s": d.autoscaling.upscale_delay_s,
+                "downscale_delay_s": d.autoscaling.downscale_delay_s,
+                "look_back_period_s": d.autoscaling.look_back_period_s,
                 "policy": {
                     "policy_function": "specserve.cluster.autoscale:DrafterPolicy",
                     "policy_kwargs": {"target_sequences_per_replica": d.autoscaling.target_sequences_per_replica},
@@ -156,20 +166,28 @@ class SpecserveConfig(Strict):
         return {"name": VERIFIER, "num_replicas": v.replicas, "ray_actor_options": v.actor_options(),
                 "max_ongoing_requests": ongoing}
 
-    def to_serve_config(self) -> dict:
-        """A Ray Serve config (ServeDeploySchema) deploying this configuration."""
+    def application(self, name: str = APP_NAME, route_prefix: str = "/") -> dict:
+        """This configuration as one application of a Serve config."""
+        return {
+            "name": name,
+            "route_prefix": route_prefix,
+            "import_path": "specserve.cluster.app:build_app",
+            "args": self.app_args(),
+            "deployments": [self.verifier_deployment()]
+            + ([] if self.models.drafter == "none" else [self.drafter_deployment()]),
+        }
+
+    def to_serve_config(self, applications: list[dict] | None = None) -> dict:
+        """A Ray Serve config (ServeDeploySchema) deploying this configuration.
+
+        Several specserve applications can share a cluster (the benchmark compares variants
+        side by side); gRPC clients pick one with the `application` metadata key.
+        """
         return {
             "proxy_location": "EveryNode",
             "http_options": {"host": "0.0.0.0", "port": self.server.http_port},
             "grpc_options": {"port": self.server.grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)},
-            "applications": [{
-                "name": APP_NAME,
-                "route_prefix": "/",
-                "import_path": "specserve.cluster.app:build_app",
-                "args": self.app_args(),
-                "deployments": [self.verifier_deployment()]
-                + ([] if self.models.drafter == "none" else [self.drafter_deployment()]),
-            }],
+            "applications": applications or [self.application()],
         }
 
 

@@ -25,17 +25,19 @@ def connect(address: str | None, num_cpus: float | None = None, temp_dir: str | 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **kwargs)
 
 
-def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None) -> None:
-    """Deploy (or update) the application and wait until it is running."""
-    serve_config = cfg.to_serve_config()
+def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None,
+           applications: list[dict] | None = None) -> None:
+    """Deploy (or update) the application (or several, see to_serve_config) and wait until running."""
+    serve_config = cfg.to_serve_config(applications)
     serve.start(http_options=serve_config["http_options"], grpc_options=serve_config["grpc_options"],
                 proxy_location=serve_config["proxy_location"])
     get_registry()  # before the drafters, so their first heartbeat finds it
     _client().deploy_apps(ServeDeploySchema.model_validate(serve_config))
-    wait_running(timeout_s, progress)
+    for app in serve_config["applications"]:
+        wait_running(timeout_s, progress, app["name"])
 
 
 def _client():
@@ -45,15 +47,15 @@ def _client():
     return _get_global_client()
 
 
-def wait_running(timeout_s: float, progress=None) -> None:
+def wait_running(timeout_s: float, progress=None, name: str = APP_NAME) -> None:
     """Block until the application is RUNNING; raise DeployError if it fails or times out."""
     end, last = time.monotonic() + timeout_s, None
     while time.monotonic() < end:
-        app = serve.status().applications.get(APP_NAME)
+        app = serve.status().applications.get(name)
         if app is not None:
             state = (app.status, tuple(sorted((n, d.status) for n, d in app.deployments.items())))
             if progress and state != last:
-                progress(" ".join([f"application {app.status}:"] + [f"{n} {s}" for n, s in state[1]]))
+                progress(" ".join([f"{name} {app.status}:"] + [f"{n} {s}" for n, s in state[1]]))
             last = state
             if app.status == "RUNNING":
                 return

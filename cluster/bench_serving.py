@@ -1,0 +1,200 @@
+"""`specserve bench --serving`: the deployed system through gRPC, variants side by side.
+
+Three applications of the demo pair share one local cluster (and one gRPC port; the client
+picks one with the `application` metadata key): plain decoding of the target, speculative
+decoding with synchronous drafting, and with pipelined drafting. For each concurrency level
+the variants run the same requests one after another, in a rotating order, several rounds,
+so machine noise hits them alike. Reported per variant and level: aggregate tokens/s,
+speedup over plain at the same level, acceptance, TTFT and inter-token latency percentiles,
+and the verifier's median draft round-trip overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from specserve.cluster.client import Client, Reply
+
+VARIANTS = {
+    "plain": {"models": {"drafter": "none"}},
+    "sync": {"speculation": {"pipelined": False}},
+    "pipelined": {"speculation": {"pipelined": True}},
+}
+
+
+@dataclass
+class LevelTotals:
+    """One variant at one concurrency level, over all rounds."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    failed: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+
+
+def _config(base: dict, variant: dict, port: int) -> dict:
+    from specserve.cluster.config import parse_config
+
+    data = json.loads(json.dumps(base))
+    for section, values in variant.items():
+        data.setdefault(section, {}).update(values)
+    data.setdefault("server", {})["grpc_port"] = port
+    return parse_config(data)
+
+
+def _run_level(address: str, app: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
+               totals: LevelTotals) -> None:
+    """`len(prompts)` requests, at most `concurrency` in flight, through one client each."""
+    queue = list(enumerate(prompts))
+    lock = threading.Lock()
+    replies: dict[int, Reply] = {}
+
+    def worker():
+        with Client(address, metadata=[("application", app)], timeout_s=600) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    i, prompt = queue.pop(0)
+                try:
+                    replies[i] = client.generate(prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True)
+                except grpc.RpcError:
+                    with lock:
+                        totals.failed += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    totals.seconds += time.perf_counter() - start
+    for i in sorted(replies):
+        r = replies[i]
+        totals.tokens += len(r.token_ids)
+        totals.drafted, totals.accepted, totals.steps = (totals.drafted + r.drafted, totals.accepted + r.accepted,
+                                                         totals.steps + r.steps)
+        totals.ttft.append(r.ttft_s)
+        if len(r.token_ids) > 1 and len(r.chunk_times) > 1:
+            totals.itl.append((r.chunk_times[-1] - r.chunk_times[0]) / (len(r.token_ids) - 1))
+        totals.outputs.append(r.token_ids)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _rows(results: dict, overheads: dict) -> list[dict]:
+    rows = []
+    for level, by_variant in results.items():
+        plain = by_variant["plain"]
+        plain_tps = plain.tokens / plain.seconds if plain.seconds else 0.0
+        for name, t in by_variant.items():
+            tps = t.tokens / t.seconds if t.seconds else 0.0
+            row = {"variant": name, "concurrency": level, "requests": len(t.outputs), "failed": t.failed,
+                   "tokens_per_s": round(tps, 2), "speedup": round(tps / plain_tps, 3) if plain_tps else None,
+                   "ttft_p50_ms": _ms(_pct(t.ttft, 0.5)), "ttft_p90_ms": _ms(_pct(t.ttft, 0.9)),
+                   "itl_p50_ms": _ms(_pct(t.itl, 0.5)), "itl_p90_ms": _ms(_pct(t.itl, 0.9)),
+                   "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / max(len(plain.outputs), 1)}
+            if t.drafted:
+                row.update(acceptance_rate=round(t.accepted / t.drafted, 4),
+                           mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3))
+            if name in overheads:
+                row["draft_overhead_p50_ms"] = overheads[name]
+            rows.append(row)
+    return rows
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def _overheads(apps: list[str]) -> dict[str, float]:
+    """Median draft round-trip overhead each speculative verifier measured."""
+    from ray import serve
+
+    out = {}
+    for app in apps:
+        load = serve.get_app_handle(app).load.remote().result()
+        if load.get("draft_overhead_p50_ms") is not None:
+            out[app] = load["draft_overhead_p50_ms"]
+    return out
+
+
+def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds: int, port: int,
+                      progress=print) -> dict:
+    """Deploy the variants on a local cluster, measure them side by side, tear down."""
+    from specserve.actors.demo import demo_path
+    from specserve.actors.engine.build import load_tokenizer
+    from specserve.cluster import serving
+    from specserve.cluster.bench_local import code_prompts
+
+    base = {"verifier": {"num_cpus": 1, "max_num_seqs": max(levels), "max_queue": 2 * max(levels),
+                         "max_seq_len": 512},
+            "drafter": {"num_cpus": 1, "replicas": 1, "host": "127.0.0.1"}}
+    cfgs = {name: _config(base, v, port) for name, v in VARIANTS.items()}
+    prompts = code_prompts(load_tokenizer(demo_path("target")), requests)
+    serving.connect(None, num_cpus=8)
+    try:
+        apps = [cfgs[n].application(n, f"/{n}") for n in VARIANTS]
+        serving.deploy(cfgs["plain"], applications=apps, progress=progress)
+        address = f"127.0.0.1:{port}"
+        for name in VARIANTS:  # warm-up: first requests pay for lazy initialisation
+            _run_level(address, name, prompts[:2], 8, 2, LevelTotals())
+        results: dict[int, dict[str, LevelTotals]] = {}
+        for level in levels:
+            results[level] = {n: LevelTotals() for n in VARIANTS}
+            batch = [prompts[i % len(prompts)] for i in range(max(requests, level))]
+            for r in range(rounds):
+                order = list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]
+                for name in order:
+                    _run_level(address, name, batch, max_tokens, level, results[level][name])
+                progress(f"concurrency {level}: round {r + 1}/{rounds} done")
+        overheads = _overheads([n for n in VARIANTS if n != "plain"])
+    finally:
+        serving.shutdown()
+    return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds},
+            "rows": _rows(results, overheads)}
+
+
+def format_table(report: dict) -> str:
+    cols = ["concurrency", "variant", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length",
+            "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "failed", "matches_plain"]
+    head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
+            "rtt50ms", "failed", "=plain"]
+    lines = ["  ".join(f"{h:>10}" for h in head)]
+    for r in report["rows"]:
+        lines.append("  ".join(f"{_fmt(r.get(c)):>10}" for c in cols))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def bench_serving_main(args) -> int:
+    """CLI entry: run, print the table, write JSON."""
+    levels = [int(x) for x in args.concurrency.split(",")]
+    report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port)
+    print(format_table(report))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
