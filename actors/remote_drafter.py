@@ -178,7 +178,7 @@ class RemoteDrafterPool(BaseDrafter):
     def _request(self, seq_id: int, k: int, now: float) -> None:
         rs = self.remote[seq_id]
         rs.waiting, rs.result, rs.k = False, None, k
-        if rs.link is None and now >= rs.retry_at:
+        if rs.link is None and now >= rs.retry_at and k > 0:  # no drafter work while speculation is off
             self._attach(seq_id, rs, k)
         elif rs.link is not None and rs.verdicts:
             for i, (accepted, nxt) in enumerate(rs.verdicts):
@@ -196,7 +196,11 @@ class RemoteDrafterPool(BaseDrafter):
         st = self.seqs[seq_id]
         link.send(start_pb(seq_id, st.context, st.params, st.seed, k))
         rs.link, rs.outstanding, rs.verdicts, rs.misses = link, 1, [], 0
-        rs.starting, rs.waiting = True, k > 0
+        # the first draft waits for the drafter's prefill of the whole context: the batch does
+        # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
+        # whose tokens depend on which steps had drafts and must not depend on timing
+        seeded = st.params.seed is not None and not st.params.greedy
+        rs.starting, rs.waiting = True, k > 0 and seeded
 
     def _choose_link(self) -> _Link | None:
         """Least-loaded live drafter, same node preferred."""
@@ -253,9 +257,10 @@ class RemoteDrafterPool(BaseDrafter):
                 if rs.starting:  # its wait includes the drafter's prefill: not a cost sample
                     rs.result.forwards, rs.result.seconds = 0, None
                 rs.version = pb.weight_version
-                overhead = max(0.0, time.monotonic() - rs.sent_at - pb.draft_seconds)
-                self.overheads.append(overhead)
-                self._fresh_overheads.append(overhead)
+                if not rs.starting:  # a Start's wait includes the drafter's prefill
+                    overhead = max(0.0, time.monotonic() - rs.sent_at - pb.draft_seconds)
+                    self.overheads.append(overhead)
+                    self._fresh_overheads.append(overhead)
             self._cond.notify_all()
 
     def _on_broken(self, link: _Link) -> None:

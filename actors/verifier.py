@@ -51,6 +51,7 @@ class Verifier:
                                           node_id=ray.get_runtime_context().get_node_id())
         engine = SpeculativeEngine(target, self.tokenizer, self.pool, DraftLengthConfig(k_max=settings.k_max))
         self.metrics = VerifierMetrics()
+        self.totals = {"steps": 0, "drafted": 0, "accepted": 0}  # since the replica started
         self.scheduler = Scheduler(engine, settings.max_queue, on_step=self._on_step)
         if self.pool is not None:
             threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
@@ -71,6 +72,9 @@ class Verifier:
             time.sleep(0.5)
 
     def _on_step(self, report) -> None:
+        self.totals["steps"] += 1
+        self.totals["drafted"] += report.drafted
+        self.totals["accepted"] += sum(report.accepted_per_position)
         self.metrics.on_step(report)
         if self.pool is not None:
             self.metrics.observe_overheads(self.pool)
@@ -109,14 +113,23 @@ class Verifier:
         return health_pb2.HealthCheckResponse(status=status)
 
     def load(self) -> dict:
-        """Running and waiting requests (for `specserve status`)."""
+        """Load, live acceptance and cost model of this replica (for `specserve status`)."""
         running, waiting = self.scheduler.load
-        return {"running": running, "waiting": waiting, "device": self.device,
+        drafted, accepted = self.totals["drafted"], self.totals["accepted"]
+        return {"running": running, "waiting": waiting, "device": self.device, **self.totals,
+                "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "replica_id": serve.get_replica_context().replica_id.unique_id,
                 "draft_misses": self.pool.misses if self.pool else 0,
+                "cost_model": self._cost_model(),
                 "draft_overhead_p50_ms": (round(1000 * statistics.median(self.pool.overheads), 3)
                                           if self.pool and self.pool.overheads else None)}
+
+    def _cost_model(self) -> dict:
+        cost = self.scheduler.engine.cost
+        ms = lambda s: None if s is None else round(1000 * s, 3)  # noqa: E731
+        return {"draft_step_ms": ms(cost.draft_step_s), "rtt_ms": ms(cost.rtt_s),
+                "verify_ms": {n: ms(t) for n, t in sorted(cost.verify_s.items())}}
 
     def __del__(self):
         """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop."""

@@ -101,6 +101,11 @@ def status_cmd(args) -> int:
     print(f"application: {info['application']}")
     for name, pool in info["pools"].items():
         print(f"  {name}: {pool['status']}  replicas {pool['replicas']}")
+    v = info["verifier"]
+    print(f"verifier {v['replica_id']} ({v['device']}): running {v['running']}  waiting {v['waiting']}  "
+          f"steps {v['steps']}  drafted {v['drafted']}  accepted {v['accepted']}  "
+          f"acceptance {v['acceptance_rate'] if v['acceptance_rate'] is not None else '-'}  "
+          f"draft overhead p50 {v['draft_overhead_p50_ms']} ms")
     print(f"drafters registered: {len(info['drafters'])}")
     for d in info["drafters"]:
         print(f"  {d['replica_id']}  {d['address']}  {d['device']}  sequences {d['load']}  version {d['weight_version']}")

@@ -103,7 +103,8 @@ def status() -> dict:
         raise DeployError("no specserve application is deployed on this cluster")
     pools = {name: {"status": d.status, "replicas": dict(d.replica_states)} for name, d in app.deployments.items()}
     drafters = ray.get(get_registry().list_dicts.remote(), timeout=10)
-    return {"application": app.status, "pools": pools, "drafters": drafters}
+    verifier = serve.get_app_handle(APP_NAME).load.remote().result(timeout_s=30)  # one replica's view
+    return {"application": app.status, "pools": pools, "drafters": drafters, "verifier": verifier}
 
 
 def shutdown() -> None:

@@ -29,13 +29,29 @@ class DraftLengthConfig:
 
 
 class CostModel:
-    """Measured draft step time, verify time per block size, and draft round-trip time."""
+    """Measured draft step time, verify time per block size, and draft round-trip time.
+
+    Verify times are kept per batch-size bucket (1, 2, 4, 8, ...): a longer block costs little
+    extra in a small batch, where the forward is bound by weight reads, and nearly its full
+    share in a big one, where it is bound by compute. So speculation turns itself down as
+    the verifier's batch fills up.
+    """
 
     def __init__(self, cfg: DraftLengthConfig, rtt_s: float = 0.0):
         self.cfg = cfg
         self.rtt_s = rtt_s
         self.draft_step_s: float | None = None
-        self.verify_s: dict[int, float] = {}
+        self._verify_by_bucket: dict[int, dict[int, float]] = {}
+        self._bucket = 1
+
+    def use_batch(self, batch: int) -> None:
+        """The following estimates and measurements are for steps of `batch` sequences."""
+        self._bucket = 1 << max(0, batch - 1).bit_length()
+
+    @property
+    def verify_s(self) -> dict[int, float]:
+        """Measured verify time per block size, for the current batch bucket."""
+        return self._verify_by_bucket.setdefault(self._bucket, {})
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.cfg.time_ema * (new - old)

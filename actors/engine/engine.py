@@ -166,6 +166,7 @@ class SpeculativeEngine:
         seqs = list(self.seqs.values())
         if not seqs:
             return []
+        self.cost.use_batch(len(seqs))
         drafts = self._draft(seqs)
         n = 1 + max(len(d.tokens) for d in drafts)
         tokens = torch.zeros(len(seqs), n, dtype=torch.long)

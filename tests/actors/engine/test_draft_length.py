@@ -118,3 +118,19 @@ def test_acceptance_tracker_counts_accept_trials_up_to_the_first_rejection():
     before = tracker.alpha
     tracker.observe(0, 0)  # the drafter offered nothing although asked: no information
     assert tracker.alpha == before
+
+
+def test_verify_times_are_kept_per_batch_size_so_a_full_batch_turns_speculation_down():
+    cost = CostModel(CFG)
+    cost.observe_draft(1, 0.001)
+    cost.use_batch(1)  # one sequence: a 5-token block costs about what 1 token costs
+    for n, seconds in {1: 1.0, 5: 1.1}.items():
+        cost.observe_verify(n, seconds)
+    cost.use_batch(32)  # a full batch: compute-bound, 5 tokens cost 5x
+    for n, seconds in {1: 1.0, 5: 5.0}.items():
+        cost.observe_verify(n, seconds)
+    assert best_draft_length(0.6, cost, 4) == 0
+    cost.use_batch(1)
+    assert best_draft_length(0.6, cost, 4) == 4
+    cost.use_batch(20)  # same bucket as 32
+    assert cost.verify_time(5) == pytest.approx(5.0)
