@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/specserve generate "def fibonacci(n):"
+	$(BIN)/specserve demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -91,7 +91,8 @@ class _Remote:
     k: int = 0  # draft length asked for in the awaited round
     result: Draft | None = None
     sent_at: float = 0.0
-    starting: bool = False  # the awaited draft answers a Start (prefill): misses don't count
+    starting: bool = False  # the drafter may still be prefilling: misses don't count, no cost samples
+    answered: bool = False  # the drafter has answered this sequence since it was (re)started
     misses: int = 0
     retry_at: float = 0.0
     version: str = ""
@@ -185,7 +186,7 @@ class RemoteDrafterPool(BaseDrafter):
                 last = i == len(rs.verdicts) - 1
                 rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0))
             rs.outstanding += len(rs.verdicts)
-            rs.verdicts, rs.starting, rs.waiting = [], False, k > 0
+            rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0
         rs.sent_at = now
 
     def _attach(self, seq_id: int, rs: _Remote, k: int) -> None:
@@ -195,7 +196,7 @@ class RemoteDrafterPool(BaseDrafter):
             return
         st = self.seqs[seq_id]
         link.send(start_pb(seq_id, st.context, st.params, st.seed, k))
-        rs.link, rs.outstanding, rs.verdicts, rs.misses = link, 1, [], 0
+        rs.link, rs.outstanding, rs.verdicts, rs.misses, rs.answered = link, 1, [], 0, False
         # the first draft waits for the drafter's prefill of the whole context: the batch does
         # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
         # whose tokens depend on which steps had drafts and must not depend on timing
@@ -249,6 +250,7 @@ class RemoteDrafterPool(BaseDrafter):
             if rs is None or rs.link is not link:
                 return  # a finished or re-attached sequence
             rs.outstanding -= 1
+            rs.answered = rs.answered or not pb.unknown_sequence
             if pb.unknown_sequence:
                 self._detach(pb.sequence_id, rs, retry_s=0.2)
             elif rs.outstanding == 0 and rs.waiting:

@@ -79,7 +79,7 @@ def test_generate_response_round_trips_with_every_field_set():
     stats = generation_pb2.SpeculationStats(drafted=12, accepted=9, steps=4, drafter_version="ngram@3")
     response = generation_pb2.GenerateResponse(
         request_id="req-1", token_ids=[5, 6, 7], text=" there", finish_reason=generation_pb2.FINISH_REASON_STOP,
-        stats=stats,
+        stats=stats, prompt_token_ids=[1, 2],
     )
     assert set(f.name for f, _ in response.ListFields()) == set(response.DESCRIPTOR.fields_by_name)
     assert set(f.name for f, _ in stats.ListFields()) == set(stats.DESCRIPTOR.fields_by_name)
