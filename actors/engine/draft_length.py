@@ -25,7 +25,7 @@ class DraftLengthConfig:
     time_ema: float = 0.1  # weight of the latest measurement in the cost model
     recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
-    probe_every: int = 32  # with speculation off this many steps, draft one token to re-measure its cost
+    probe_every: int = 32  # after this many steps without drafting, draft one token to re-measure its cost
 
 
 class CostModel:
@@ -114,8 +114,10 @@ class AcceptanceTracker:
     A block of d drafts with m accepted shows m successes and, when m < d, one failure; the
     drafts after the first rejection were never tested and say nothing. Counts decay by
     `1 - alpha_ema` per block so alpha follows the sequence, with `prior_weight` pseudo-trials
-    at the prior. Steps that drafted nothing leave the counts alone, except that while the
-    policy keeps speculation off they decay toward the prior so that it is retried.
+    at the prior. A step that asked for drafts and got none (the drafter's confidence stop, or
+    a late remote draft) counts as one failed trial: it paid for drafting and gained nothing.
+    Steps with speculation off leave the counts alone, except that they decay toward the prior
+    so that speculation is retried.
     """
 
     def __init__(self, cfg: DraftLengthConfig, prior_weight: float = 2.0):
@@ -131,11 +133,13 @@ class AcceptanceTracker:
 
     def observe(self, drafted: int, accepted: int, speculation_off: bool = False) -> None:
         """Fold in one verified block of `drafted` tokens of which `accepted` were kept."""
+        keep = 1 - self.cfg.alpha_ema
         if drafted == 0:
             if speculation_off:
                 self.successes *= 1 - self.cfg.recovery
                 self.trials *= 1 - self.cfg.recovery
+            else:
+                self.successes, self.trials = keep * self.successes, keep * self.trials + 1
             return
-        keep = 1 - self.cfg.alpha_ema
         self.successes = keep * self.successes + accepted
         self.trials = keep * self.trials + accepted + (1 if accepted < drafted else 0)

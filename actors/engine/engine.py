@@ -43,7 +43,6 @@ class Sequence:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
-    off_steps: int = 0  # consecutive steps the policy chose not to draft
     finish_reason: str | None = None
 
     def stats(self) -> SpecStats:
@@ -83,6 +82,7 @@ class SpeculativeEngine:
         self.seqs: dict[int, Sequence] = {}
         self.timing = Timing()
         self._next_id = 0
+        self._off_steps = 0  # consecutive steps in which no sequence drafted
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -138,10 +138,13 @@ class SpeculativeEngine:
                 k = self.policy.k_max
             if k is None:
                 k = best_draft_length(s.tracker.alpha, self.cost, self.policy.k_max)
-                s.off_steps = s.off_steps + 1 if k == 0 else 0
-                if s.off_steps >= self.policy.probe_every:  # re-measure what drafting costs now
-                    k, s.off_steps = 1, 0
             ks.append(min(k, s.params.max_tokens - len(s.generated) - 1))
+        # speculation off everywhere for a while: draft one token once, to re-measure its cost
+        # (once per batch, not per sequence: any draft makes the whole batch wait for it)
+        self._off_steps = 0 if any(ks) else self._off_steps + 1
+        if self._off_steps >= self.policy.probe_every:
+            self._off_steps = 0
+            ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
         return ks
 
     def _draft(self, seqs: list[Sequence]) -> list[Draft]:

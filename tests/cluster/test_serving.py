@@ -273,3 +273,17 @@ def test_scaling_drafters_up_and_down_under_load_fails_nothing(cluster, referenc
     verifier = serve.status().applications[APP_NAME].deployments["Verifier"]
     assert verifier.replica_states == {"RUNNING": 1}
     assert serve.get_app_handle(APP_NAME).load.remote().result()["replica_id"] == verifier_before
+
+
+def test_cli_status_shows_pools_drafters_and_live_acceptance(cluster):
+    generate(cluster, PROMPTS[1])  # something for the acceptance figures
+    out = subprocess.run(
+        [sys.executable, "-m", "specserve.cluster.cli", "status", "--address", ray.get_runtime_context().gcs_address,
+         "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert set(info["pools"]) == {"Verifier", "Drafter"}
+    assert info["pools"]["Verifier"]["replicas"] == {"RUNNING": 1}
+    assert len(info["drafters"]) == sum(info["pools"]["Drafter"]["replicas"].values())
+    assert all(d["address"].startswith("127.0.0.1:") and d["device"] == "cpu" for d in info["drafters"])
+    assert info["verifier"]["drafted"] > 0 and 0 < info["verifier"]["acceptance_rate"] <= 1

@@ -115,9 +115,12 @@ def test_acceptance_tracker_counts_accept_trials_up_to_the_first_rejection():
     tracker.observe(5, 1)  # one success, then one failure; the three drafts after it untested
     keep = 1 - CFG.alpha_ema
     assert tracker.alpha == pytest.approx((keep * 4 + 1 + 2 * CFG.alpha_prior) / (keep * 4 + 2 + 2))
+    successes, trials = keep * 4 + 1, keep * 4 + 2
+    tracker.observe(0, 0)  # asked, but the drafter offered nothing: drafting paid for, nothing gained
+    assert tracker.alpha == pytest.approx((keep * successes + 2 * CFG.alpha_prior) / (keep * trials + 1 + 2))
     before = tracker.alpha
-    tracker.observe(0, 0)  # the drafter offered nothing although asked: no information
-    assert tracker.alpha == before
+    tracker.observe(0, 0, speculation_off=True)  # not asked: drifts back toward the prior
+    assert CFG.alpha_prior > tracker.alpha > before
 
 
 def test_verify_times_are_kept_per_batch_size_so_a_full_batch_turns_speculation_down():
