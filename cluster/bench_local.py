@@ -171,9 +171,14 @@ def format_table(report: dict) -> str:
     cols = ["mode", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length", "mean_draft_length",
             "cost_ratio_c", "analytic_bound", "efficiency", "matches_plain"]
     head = ["mode", "tok/s", "speedup", "accept", "mean_acc_len", "k", "c", "bound", "efficiency", "=plain"]
-    lines = ["  ".join(f"{h:>12}" for h in head)]
-    for r in report["rows"]:
-        lines.append("  ".join(f"{_fmt(r.get(c)):>12}" for c in cols))
+    return text_table(report["rows"], cols, head, 12)
+
+
+def text_table(rows: list[dict], cols: list[str], head: list[str], width: int) -> str:
+    """Fixed-width columns; missing values print as '-'."""
+    lines = ["  ".join(f"{h:>{width}}" for h in head)]
+    for r in rows:
+        lines.append("  ".join(f"{_fmt(r.get(c)):>{width}}" for c in cols))
     return "\n".join(lines)
 
 
@@ -183,12 +188,17 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def write_report(report: dict, table: str, out: str) -> None:
+    """Print the table and write the report as JSON."""
+    print(table)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def bench_main(args) -> int:
     """CLI entry: run, print the table, write JSON."""
     report = run_bench(args.prompts, args.max_tokens, args.k_max, args.threshold, not args.no_hf, args.seed)
-    print(format_table(report))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, format_table(report), args.out)
     return 0

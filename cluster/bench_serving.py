@@ -15,10 +15,10 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
+from specserve.cluster.bench_local import text_table, write_report
 from specserve.cluster.client import Client, Reply
 
 VARIANTS = {
@@ -176,25 +176,12 @@ def format_table(report: dict) -> str:
             "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "failed", "matches_plain"]
     head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
             "rtt50ms", "failed", "=plain"]
-    lines = ["  ".join(f"{h:>10}" for h in head)]
-    for r in report["rows"]:
-        lines.append("  ".join(f"{_fmt(r.get(c)):>10}" for c in cols))
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return text_table(report["rows"], cols, head, 10)
 
 
 def bench_serving_main(args) -> int:
     """CLI entry: run, print the table, write JSON."""
     levels = [int(x) for x in args.concurrency.split(",")]
     report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port)
-    print(format_table(report))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, format_table(report), args.out)
     return 0

@@ -40,6 +40,20 @@ class Reply:
     ttft_s: float = 0.0
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk, s since the call
 
+    def add(self, msg: generation_pb2.GenerateResponse, at_s: float) -> None:
+        """Fold in one response that arrived `at_s` seconds after the call."""
+        if not self.chunk_times:
+            self.ttft_s = at_s
+        self.chunk_times.append(at_s)
+        self.request_id = msg.request_id
+        self.prompt_token_ids.extend(msg.prompt_token_ids)
+        self.token_ids.extend(msg.token_ids)
+        self.text += msg.text
+        self.drafted, self.accepted, self.steps = msg.stats.drafted, msg.stats.accepted, msg.stats.steps
+        self.drafter_version = msg.stats.drafter_version or self.drafter_version
+        if msg.finish_reason:
+            self.finish_reason = finish_name(msg.finish_reason)
+
 
 def finish_name(reason: int) -> str:
     """'length', 'stop', 'cancelled' or 'error' (the engine's names)."""
@@ -92,19 +106,15 @@ class Client:
 
     def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, **params) -> Reply:
         """Run one request to the end and return everything it produced."""
+        return self.collect(self.stream(prompt, prompt_token_ids, **params))
+
+    @staticmethod
+    def collect(responses: Iterator[generation_pb2.GenerateResponse], on_chunk=None) -> Reply:
+        """Fold a request's responses into a Reply (calling on_chunk(msg) as each arrives)."""
         reply, start = Reply(), time.perf_counter()
-        for msg in self.stream(prompt, prompt_token_ids, **params):
-            now = time.perf_counter() - start
-            if not reply.chunk_times:
-                reply.ttft_s = now
-            reply.chunk_times.append(now)
-            reply.request_id = msg.request_id
-            reply.prompt_token_ids.extend(msg.prompt_token_ids)
-            reply.token_ids.extend(msg.token_ids)
-            reply.text += msg.text
-            reply.drafted, reply.accepted, reply.steps = msg.stats.drafted, msg.stats.accepted, msg.stats.steps
-            reply.drafter_version = msg.stats.drafter_version or reply.drafter_version
-            if msg.finish_reason:
-                reply.finish_reason = finish_name(msg.finish_reason)
+        for msg in responses:
+            reply.add(msg, time.perf_counter() - start)
+            if on_chunk is not None:
+                on_chunk(msg)
         reply.elapsed_s = time.perf_counter() - start
         return reply

@@ -46,25 +46,9 @@ def generate_remote(args) -> int:
 
 
 def _stream_to_stdout(client: Client, prompt: str, params: dict, echo_prompt: bool = True) -> Reply:
-    reply, start = Reply(), time.perf_counter()
     if echo_prompt:
         print(prompt, end="", flush=True)
-    for msg in client.stream(prompt, **params):
-        if not reply.chunk_times:
-            reply.ttft_s = time.perf_counter() - start
-        reply.chunk_times.append(time.perf_counter() - start)
-        print(msg.text, end="", flush=True)
-        reply.prompt_token_ids.extend(msg.prompt_token_ids)
-        reply.token_ids.extend(msg.token_ids)
-        reply.text += msg.text
-        reply.drafted, reply.accepted, reply.steps = msg.stats.drafted, msg.stats.accepted, msg.stats.steps
-        reply.drafter_version = msg.stats.drafter_version or reply.drafter_version
-        if msg.finish_reason:
-            from specserve.cluster.client import finish_name
-
-            reply.finish_reason = finish_name(msg.finish_reason)
-    reply.elapsed_s = time.perf_counter() - start
-    return reply
+    return client.collect(client.stream(prompt, **params), lambda msg: print(msg.text, end="", flush=True))
 
 
 def serve_cmd(args) -> int:
