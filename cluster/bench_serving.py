@@ -136,7 +136,7 @@ def _overheads(apps: list[str]) -> dict[str, float]:
 
 
 def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds: int, port: int,
-                      progress=print) -> dict:
+                      drafter: str = "model", progress=print) -> dict:
     """Deploy the variants on a local cluster, measure them side by side, tear down."""
     from specserve.actors.demo import demo_path
     from specserve.actors.engine.build import load_tokenizer
@@ -145,7 +145,8 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
 
     base = {"verifier": {"num_cpus": 1, "max_num_seqs": max(levels), "max_queue": 2 * max(levels),
                          "max_seq_len": 512},
-            "drafter": {"num_cpus": 1, "replicas": 1, "host": "127.0.0.1"}}
+            "drafter": {"num_cpus": 1, "replicas": 1, "host": "127.0.0.1"},
+            "models": {"drafter": drafter}}
     cfgs = {name: _config(base, v, port) for name, v in VARIANTS.items()}
     prompts = code_prompts(load_tokenizer(demo_path("target")), requests)
     serving.connect(None, num_cpus=8)
@@ -167,7 +168,8 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         overheads = _overheads([n for n in VARIANTS if n != "plain"])
     finally:
         serving.shutdown()
-    return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds},
+    return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
+                       "drafter": drafter},
             "rows": _rows(results, overheads)}
 
 
@@ -182,6 +184,6 @@ def format_table(report: dict) -> str:
 def bench_serving_main(args) -> int:
     """CLI entry: run, print the table, write JSON."""
     levels = [int(x) for x in args.concurrency.split(",")]
-    report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port)
+    report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port, args.drafter)
     write_report(report, format_table(report), args.out)
     return 0

@@ -89,6 +89,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--concurrency", default="1,4,16,32", help="--serving: concurrency levels")
     p.add_argument("--rounds", type=int, default=3, help="--serving: rounds per level (variants interleaved)")
     p.add_argument("--port", type=int, default=50061, help="--serving: gRPC port of the local benchmark cluster")
+    p.add_argument("--drafter", default="model", choices=["model", "ngram"],
+                   help="--serving: the speculative variants' drafter")
     p.set_defaults(func=_bench)
 
 

@@ -102,9 +102,14 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def best_draft_length(alpha: float, cost: CostModel, k_max: int) -> int:
-    """The k in [0, k_max] with the most expected tokens per second."""
-    rates = [expected_tokens(alpha, k) / cost.step_time(k) for k in range(k_max + 1)]
+def best_draft_length(alpha: float | list[float], cost: CostModel, k_max: int) -> int:
+    """The k in [0, k_max] with the most expected tokens per second.
+
+    For a batch (a list of per-sequence alphas) the step time is shared: every row pays for
+    the longest block, so k maximises the batch's expected tokens sum_i E(alpha_i, k) / T(k).
+    """
+    alphas = alpha if isinstance(alpha, list) else [alpha]
+    rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k) for k in range(k_max + 1)]
     return max(range(k_max + 1), key=rates.__getitem__)
 
 

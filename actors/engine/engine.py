@@ -130,6 +130,9 @@ class SpeculativeEngine:
     def _draft_lengths(self, seqs: list[Sequence]) -> list[int]:
         if self.drafter is None:
             return [0] * len(seqs)
+        timed = [s for s in seqs if not (s.params.seed is not None and not s.params.greedy)]
+        # one k for the batch: a longer block in one row makes the whole verify forward longer
+        batch_k = best_draft_length([s.tracker.alpha for s in timed], self.cost, self.policy.k_max) if timed else 0
         ks = []
         for s in seqs:
             k = self.policy.fixed_k
@@ -137,7 +140,7 @@ class SpeculativeEngine:
                 # timings must not steer a seeded request: its output would vary run to run
                 k = self.policy.k_max
             if k is None:
-                k = best_draft_length(s.tracker.alpha, self.cost, self.policy.k_max)
+                k = batch_k
             ks.append(min(k, s.params.max_tokens - len(s.generated) - 1))
         # speculation off everywhere for a while: draft one token once, to re-measure its cost
         # (once per batch, not per sequence: any draft makes the whole batch wait for it)

@@ -137,3 +137,13 @@ def test_verify_times_are_kept_per_batch_size_so_a_full_batch_turns_speculation_
     assert best_draft_length(0.6, cost, 4) == 4
     cost.use_batch(20)  # same bucket as 32
     assert cost.verify_time(5) == pytest.approx(5.0)
+
+
+def test_a_batch_shares_one_draft_length_chosen_for_its_total_expected_tokens():
+    cost = measured(0.1, {1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2})
+    alone_good = best_draft_length(0.9, cost, 4)
+    alone_bad = best_draft_length(0.1, cost, 4)
+    assert alone_good > 0 and alone_bad == 0
+    # three sequences the drafter cannot predict outweigh one it predicts well
+    assert best_draft_length([0.9, 0.1, 0.1, 0.1], cost, 4) == 0
+    assert best_draft_length([0.9, 0.9, 0.9, 0.1], cost, 4) > 0
