@@ -222,7 +222,9 @@ class RemoteDrafterPool(BaseDrafter):
 
     def _collect(self, r: DraftRequest) -> Draft:
         rs = self.remote[r.seq_id]
-        draft = rs.result if rs.result is not None else Draft([], requested=r.k)
+        # a round the verifier did not wait for (a Start still prefilling, no drafter) did not
+        # speculate: requested=0 keeps it from counting as a failed accept trial
+        draft = rs.result if rs.result is not None else Draft([], requested=r.k if rs.waiting else 0)
         if rs.waiting and rs.result is None and rs.link is not None:
             self.misses += 1
             if not rs.starting:

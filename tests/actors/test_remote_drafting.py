@@ -165,3 +165,13 @@ def test_pipelined_drafting_with_a_different_drafter_is_lossless(models):
         pool.close()
     finally:
         server.stop()
+
+
+def test_rounds_the_verifier_did_not_wait_for_do_not_count_against_acceptance(models):
+    """A Start still prefilling, or no drafter at all, is not a rejected draft: alpha stays put."""
+    target, _, _ = models
+    engine, pool = remote_engine(target, [])
+    seq = engine.add_request(PROMPTS[3], make_params(max_tokens=8))
+    before = engine.seqs[seq].tracker.alpha
+    engine.step()
+    assert engine.seqs[seq].tracker.alpha >= before
