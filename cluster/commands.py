@@ -103,7 +103,7 @@ def scale_cmd(args) -> int:
     if args.pool != "drafters":
         raise ConfigError("only the drafter pool scales independently; change verifier.replicas in the config")
     serving.connect(args.address)
-    serving.scale_drafters(serving.deployed_config(), args.replicas, progress=serving.log)
+    serving.scale_drafters(args.replicas, progress=serving.log)
     serving.log(f"drafter pool at {args.replicas} replicas")
     return 0
 

@@ -66,15 +66,27 @@ def wait_running(timeout_s: float, progress=None, name: str = APP_NAME) -> None:
     raise DeployError(f"the application was not running after {timeout_s:.0f} s")
 
 
-def scale_drafters(cfg: SpecserveConfig, replicas: int, timeout_s: float = 300.0, progress=None) -> None:
-    """Set the drafter pool to `replicas` without touching the verifiers (a config-only update)."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.drafter.replicas = replicas
-    cfg.drafter.autoscaling = None
-    _client().deploy_apps(ServeDeploySchema.model_validate(cfg.to_serve_config()))
+def scale_drafters(replicas: int, timeout_s: float = 300.0, progress=None, app_name: str = APP_NAME) -> None:
+    """Set an application's drafter pool to `replicas` without touching anything else.
+
+    The Serve config the cluster runs is redeployed as it is (every application, every other
+    deployment, the verifiers' replica counts) with only the Drafter deployment's
+    `num_replicas` changed, so Serve applies it as a config-only update.
+    """
+    details = _client().get_serve_details()
+    apps = {name: app.get("deployed_app_config") for name, app in details.get("applications", {}).items()}
+    if not apps.get(app_name) or not all(apps.values()):
+        raise DeployError(f"application {app_name!r} is not deployed from a config on this cluster")
+    drafter = next((d for d in apps[app_name].get("deployments", []) if d["name"] == DRAFTER), None)
+    if drafter is None:
+        raise DeployError(f"application {app_name!r} has no drafter pool")
+    drafter.pop("autoscaling_config", None)
+    drafter["num_replicas"] = replicas
+    config = {k: details[k] for k in ("proxy_location", "http_options", "grpc_options") if details.get(k)}
+    _client().deploy_apps(ServeDeploySchema.model_validate({**config, "applications": list(apps.values())}))
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        app = serve.status().applications.get(APP_NAME)
+        app = serve.status().applications.get(app_name)
         dep = app.deployments.get(DRAFTER) if app else None  # absent while the update is applied
         if dep is not None:
             if dep.replica_states.get("RUNNING", 0) == replicas == sum(dep.replica_states.values()):
@@ -83,17 +95,6 @@ def scale_drafters(cfg: SpecserveConfig, replicas: int, timeout_s: float = 300.0
                 progress(f"drafters: {dict(dep.replica_states)} -> {replicas}")
         time.sleep(1.0)
     raise DeployError(f"the drafter pool did not reach {replicas} replicas in {timeout_s:.0f} s")
-
-
-def deployed_config() -> SpecserveConfig:
-    """The specserve config the running application was deployed with."""
-    from specserve.cluster.config import parse_config
-
-    details = _client().get_serve_details()
-    app = details["applications"].get(APP_NAME) if isinstance(details, dict) else None
-    if not app or not app.get("deployed_app_config"):
-        raise DeployError("no specserve application is deployed on this cluster")
-    return parse_config(app["deployed_app_config"]["args"])
 
 
 def status() -> dict:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
 
 import grpc
+import torch
 
+from specserve.actors.demo import demo_path
+from specserve.actors.engine.build import EngineSpec, build_engine
+from specserve.actors.engine.request import make_params
+from specserve.cluster import serving
 from specserve.cluster.config import parse_config
 
 
@@ -40,3 +46,28 @@ def demo_config(**overrides):
 
 def channel(cfg) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{cfg.server.grpc_port}")
+
+
+@contextlib.contextmanager
+def local_cluster(cfg, num_cpus: int = 4):
+    """A local Ray cluster (own temp dir, no token auth) with `cfg` deployed; torn down after."""
+    serving.connect(None, num_cpus=num_cpus, temp_dir=ray_test_env())
+    try:
+        serving.deploy(cfg, timeout_s=300)
+        yield cfg
+    finally:
+        serving.shutdown()
+
+
+def target_greedy(prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
+    """The demo target's own greedy continuation of each prompt, decoded alone in this process
+    (float64, like the served models in these tests)."""
+    torch.set_num_threads(1)
+    engine = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=1, max_seq_len=256,
+                                     dtype=torch.float64))
+    want = {}
+    for prompt in prompts:
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        [r] = engine.generate([ids], make_params(max_tokens=max_tokens, ignore_eos=True))
+        want[prompt] = r.token_ids
+    return want

@@ -13,17 +13,13 @@ import time
 
 import pytest
 import ray
-import torch
 from ray import serve
 
-from specserve.actors.demo import demo_path
-from specserve.actors.engine.build import EngineSpec, build_engine
-from specserve.actors.engine.request import make_params
 from specserve.cluster import serving
 from specserve.cluster.client import Client
 from specserve.cluster.config import APP_NAME, DRAFTER, VERIFIER
 
-from .ray_cluster import demo_config, ray_test_env
+from .ray_cluster import demo_config, local_cluster, target_greedy
 
 pytestmark = pytest.mark.ray
 
@@ -38,24 +34,13 @@ AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_sequences_per_repli
 @pytest.fixture(scope="module")
 def reference():
     """The target's own greedy continuation of each prompt, decoded in this process."""
-    torch.set_num_threads(1)
-    engine = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=len(PROMPTS), max_seq_len=256,
-                                     dtype=torch.float64))
-    ids = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    replies = engine.generate(ids, make_params(max_tokens=NEW_TOKENS, ignore_eos=True))
-    return {p: r.token_ids for p, r in zip(PROMPTS, replies)}
+    return target_greedy(PROMPTS, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def cluster(reference):  # the reference first: it would compete with the cluster for the CPUs
-    temp_dir = ray_test_env()
-    cfg = demo_config(drafter={"autoscaling": AUTOSCALING})
-    serving.connect(None, num_cpus=4, temp_dir=temp_dir)
-    try:
-        serving.deploy(cfg, timeout_s=300)
+    with local_cluster(demo_config(drafter={"autoscaling": AUTOSCALING})) as cfg:
         yield cfg
-    finally:
-        serving.shutdown()
 
 
 class Load:

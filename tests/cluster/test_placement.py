@@ -18,18 +18,14 @@ from dataclasses import dataclass
 
 import pytest
 import ray
-import torch
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from specserve.actors.demo import demo_path
-from specserve.actors.engine.build import EngineSpec, build_engine
-from specserve.actors.engine.request import make_params
 from specserve.cluster import serving
 from specserve.cluster.client import Client
 from specserve.cluster.config import APP_NAME, SpecserveConfig
 
-from .ray_cluster import demo_config, ray_test_env
+from .ray_cluster import demo_config, ray_test_env, target_greedy
 
 pytestmark = pytest.mark.ray
 
@@ -119,13 +115,9 @@ def test_the_pools_hold_the_resources_their_config_declares(placed):
 
 
 def test_greedy_generation_across_the_nodes_uses_drafts_and_equals_the_targets_own(placed):
-    torch.set_num_threads(1)
-    engine = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=1, max_seq_len=256,
-                                     dtype=torch.float64))
-    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
-    [want] = engine.generate([ids], make_params(max_tokens=NEW_TOKENS, ignore_eos=True))
+    want = target_greedy([PROMPT], NEW_TOKENS)[PROMPT]
     with Client(f"127.0.0.1:{placed.cfg.server.grpc_port}") as c:
         reply = c.generate(PROMPT, max_tokens=NEW_TOKENS, ignore_eos=True)
     assert reply.finish_reason == "length"
-    assert reply.token_ids == want.token_ids
+    assert reply.token_ids == want
     assert reply.drafted > 0 and reply.accepted > 0  # drafts crossed from the drafter node

@@ -17,20 +17,17 @@ import time
 import grpc
 import pytest
 import ray
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from ray import serve
 
 from specserve.actors.demo import demo_path
-from specserve.actors.engine.build import EngineSpec, build_engine
-from specserve.actors.engine.request import make_params
 from specserve.cluster import serving
 from specserve.cluster.client import Client
 from specserve.cluster.config import APP_NAME
 from specserve.v1 import generation_pb2
 
-from .ray_cluster import demo_config, ray_test_env
+from .ray_cluster import demo_config, local_cluster, target_greedy
 
 pytestmark = pytest.mark.ray
 
@@ -42,27 +39,14 @@ LONG = 48  # tokens of the reference continuations; requests take prefixes of th
 
 @pytest.fixture(scope="module")
 def cluster():
-    temp_dir = ray_test_env()
-    cfg = demo_config()
-    serving.connect(None, num_cpus=4, temp_dir=temp_dir)
-    try:
-        serving.deploy(cfg, timeout_s=300)
+    with local_cluster(demo_config()) as cfg:
         yield cfg
-    finally:
-        serving.shutdown()
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """The target's own greedy continuation of each prompt, decoded alone in this process."""
-    torch.set_num_threads(1)
-    engine = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=2, max_seq_len=256,
-                                     dtype=torch.float64))
-    want = {}
-    for prompt in PROMPTS:
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        [r] = engine.generate([ids], make_params(max_tokens=LONG, ignore_eos=True))
-        want[prompt] = r.token_ids
+    """The target's own greedy continuation of each prompt (short, and LONG keyed by (prompt, LONG))."""
+    want = target_greedy(PROMPTS, LONG)
     return {p: t[:NEW_TOKENS] for p, t in want.items()} | {(p, LONG): t for p, t in want.items()}
 
 
@@ -257,9 +241,9 @@ def test_scaling_drafters_up_and_down_under_load_fails_nothing(cluster, referenc
     for w in workers:
         w.start()
     try:
-        serving.scale_drafters(cluster, 3, timeout_s=180)
+        serving.scale_drafters(3, timeout_s=180)
         assert len(ray.get(serving.get_registry().list.remote())) == 3
-        serving.scale_drafters(cluster, 1, timeout_s=180)
+        serving.scale_drafters(1, timeout_s=180)
     finally:
         stop.set()
         for w in workers:
