@@ -258,10 +258,10 @@ class RemoteDrafterPool(BaseDrafter):
             elif rs.outstanding == 0 and rs.waiting:
                 sampled = not self.seqs[pb.sequence_id].params.greedy
                 rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled)
+                rs.version = pb.weight_version
                 if rs.starting:  # its wait includes the drafter's prefill: not a cost sample
                     rs.result.forwards, rs.result.seconds = 0, None
-                rs.version = pb.weight_version
-                if not rs.starting:  # a Start's wait includes the drafter's prefill
+                else:
                     overhead = max(0.0, time.monotonic() - rs.sent_at - pb.draft_seconds)
                     self.overheads.append(overhead)
                     self._fresh_overheads.append(overhead)

@@ -206,13 +206,12 @@ class Scheduler:
 
     def _report(self, before: dict[int, tuple[int, int]], seconds: float) -> StepReport:
         drafted, per_position, by_version = 0, [], {}
-        version_of = getattr(self.engine.drafter, "version", lambda _: "")
         for seq_id, (d0, a0) in before.items():
             s = self.engine.seqs[seq_id]
             drafted += s.drafted - d0
             accepted = s.accepted - a0
             if s.drafted > d0:
-                v = version_of(seq_id)
+                v = self._version(seq_id)
                 old = by_version.get(v, (0, 0))
                 by_version[v] = (old[0] + s.drafted - d0, old[1] + accepted)
             per_position.extend([0] * (accepted - len(per_position)))
@@ -229,10 +228,10 @@ class Scheduler:
             text = seq.stops.final_text(seq.generated)
         else:
             text = seq.stops.stable_text(seq.generated)
-        delta = text[len(req.sent_text):] if text.startswith(req.sent_text) else ""
-        if delta or out.finish_reason:
-            req.sent_text = text if text.startswith(req.sent_text) else req.sent_text
-        version = getattr(self.engine.drafter, "version", lambda _: "")(out.seq_id)
+        delta = ""
+        if text.startswith(req.sent_text):  # else the decoding changed earlier text: wait for the end
+            delta, req.sent_text = text[len(req.sent_text):], text
+        version = self._version(out.seq_id)
         if out.finish_reason:
             req.finished = True
             self.running.pop(out.seq_id)
@@ -240,6 +239,11 @@ class Scheduler:
             with self._cond:
                 self._cond.notify_all()
         req.push(Chunk(out.new_tokens, delta, out.finish_reason, seq.stats(), version))
+
+    def _version(self, seq_id: int) -> str:
+        """Weight version of the drafter that drafted for the sequence last ('' if none)."""
+        version = getattr(self.engine.drafter, "version", None)
+        return version(seq_id) if version else ""
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq_id, req in list(self.running.items()):

@@ -65,7 +65,7 @@ class Verifier:
                 records = ray.get(registry.list.remote(), timeout=5)
                 self._endpoints = [DrafterEndpoint(r.address, r.node_id, r.load, r.weight_version)
                                    for r in records if r.app == self.app]
-                self.metrics.drafter_pool_size.set(len(records))
+                self.metrics.drafter_pool_size.set(len(self._endpoints))
             except Exception as e:  # the registry restarting: keep the last list, look it up again
                 log.warning("drafter registry unavailable: %s", e)
                 registry = None

@@ -43,7 +43,7 @@ class LevelTotals:
     outputs: list[list[int]] = field(default_factory=list)
 
 
-def _config(base: dict, variant: dict, port: int) -> dict:
+def _config(base: dict, variant: dict, port: int):
     from specserve.cluster.config import parse_config
 
     data = json.loads(json.dumps(base))

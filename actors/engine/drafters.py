@@ -258,7 +258,7 @@ class ModelDrafter(BaseDrafter):
     def _wants_ahead(self, st: SeqState) -> bool:
         if not st.awaiting or st.last_k == 0 or st.ahead_done:
             return False
-        return st.guess is None or st.ahead is None or len(st.ahead.tokens) < st.last_k
+        return st.guess is None or len(st.ahead.tokens) < st.last_k  # guess and ahead are set together
 
     def has_ahead_work(self) -> bool:
         return any(self._wants_ahead(st) for st in self.seqs.values())

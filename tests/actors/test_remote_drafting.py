@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -35,31 +36,36 @@ def model_server(model, **kwargs) -> DraftServerThread:
     return DraftServerThread(ModelDrafter(runner(model, max_num_seqs=8), confidence_threshold=0.0), **kwargs)
 
 
+@contextlib.contextmanager
+def over_the_wire(target_model, server: DraftServerThread, **pool_kwargs):
+    """(engine, pool) of `target_model` drafting through `server`; both closed afterwards."""
+    try:
+        engine, pool = remote_engine(target_model, [server], **pool_kwargs)
+        try:
+            yield engine, pool
+        finally:
+            pool.close()
+    finally:
+        server.stop()
+
+
 def test_greedy_output_through_remote_drafter_equals_transformers(models):
     target, drafter, want = models
     server = model_server(drafter)
-    try:
-        engine, pool = remote_engine(target, [server])
+    with over_the_wire(target, server) as (engine, pool):
         results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
         assert [r.token_ids for r in results] == want
         assert sum(r.stats.drafted for r in results) > 0 and server.worker.drafts_sent > 0
-        pool.close()
-    finally:
-        server.stop()
 
 
 def test_the_target_drafting_for_itself_over_the_wire_has_every_draft_accepted(models):
     target, _, want = models
     server = model_server(target)
-    try:
-        engine, pool = remote_engine(target, [server])
+    with over_the_wire(target, server) as (engine, pool):
         results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
         assert [r.token_ids for r in results] == want
         for r in results:
             assert r.stats.drafted > NEW_TOKENS // 2 and r.stats.accepted == r.stats.drafted
-        pool.close()
-    finally:
-        server.stop()
 
 
 def test_seeded_sampling_over_the_wire_equals_the_in_process_drafter(models):
@@ -69,14 +75,10 @@ def test_seeded_sampling_over_the_wire_equals_the_in_process_drafter(models):
     local = always_drafting_engine(runner(target), ModelDrafter(runner(drafter), confidence_threshold=0.0), 4)
     want = [r.token_ids for r in local.generate(PROMPTS, params)]
     server = model_server(drafter)
-    try:
-        engine, pool = remote_engine(target, [server])
+    with over_the_wire(target, server) as (engine, pool):
         results = engine.generate(PROMPTS, params)
         assert [r.token_ids for r in results] == want
         assert sum(r.stats.accepted for r in results) > 0
-        pool.close()
-    finally:
-        server.stop()
 
 
 def test_a_drafter_killed_mid_generation_changes_nothing_and_sequences_move_to_another(models):
@@ -120,17 +122,13 @@ class SlowDrafter(ModelDrafter):
 def test_a_slow_drafter_misses_its_deadline_and_the_output_is_unchanged(models):
     target, drafter, want = models
     server = DraftServerThread(SlowDrafter(runner(drafter, max_num_seqs=8), confidence_threshold=0.0))
-    try:
-        engine, pool = remote_engine(target, [server], deadline_s=0.02, retry_s=0.05)
+    with over_the_wire(target, server, deadline_s=0.02, retry_s=0.05) as (engine, pool):
         start = time.monotonic()
         results = engine.generate(PROMPTS[:2], make_params(max_tokens=NEW_TOKENS))
         assert [r.token_ids for r in results] == want[:2]
         assert pool.misses > 0
         # detached after max_misses: far fewer than one slow round per step
         assert time.monotonic() - start < NEW_TOKENS * SlowDrafter.delay_s / 2
-        pool.close()
-    finally:
-        server.stop()
 
 
 def test_no_drafter_at_all_decodes_plainly(models):
@@ -144,27 +142,19 @@ def test_no_drafter_at_all_decodes_plainly(models):
 def test_pipelined_drafting_over_the_wire_is_lossless_and_its_ahead_work_gets_used(models):
     target, _, want = models
     server = model_server(target, pipelined=True)  # the target drafting for itself: guesses are right
-    try:
-        engine, pool = remote_engine(target, [server])
+    with over_the_wire(target, server) as (engine, pool):
         results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
         assert [r.token_ids for r in results] == want
         assert all(r.stats.accepted == r.stats.drafted > 0 for r in results)
         assert server.worker.drafter.ahead_hits > 0
-        pool.close()
-    finally:
-        server.stop()
 
 
 def test_pipelined_drafting_with_a_different_drafter_is_lossless(models):
     target, drafter, want = models
     server = model_server(drafter, pipelined=True)
-    try:
-        engine, pool = remote_engine(target, [server])
+    with over_the_wire(target, server) as (engine, pool):
         assert [r.token_ids for r in engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))] == want
         assert server.worker.drafter.ahead_hits + server.worker.drafter.ahead_misses > 0
-        pool.close()
-    finally:
-        server.stop()
 
 
 def test_rounds_the_verifier_did_not_wait_for_do_not_count_against_acceptance(models):
