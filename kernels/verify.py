@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from specserve.kernels.sampling import sample_from
+from specserve.kernels.sampling import sample_from, sparse_to_dense
 
 
 def _first_rejection(accept: torch.Tensor, draft_len: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,31 @@ def sample_next(
     q_at = q[rows, num_accepted.clamp(max=q.shape[1] - 1)] if q.shape[1] else torch.zeros_like(p_next)
     residual = (p_next - q_at).clamp(min=0.0)
     # where p and q agree to rounding the residual can vanish; p itself is then the limit
-    has_mass = residual.sum(dim=-1, keepdim=True) > 0
+    # (max, not sum: exact in any reduction order, so a fused kernel decides the same)
+    has_mass = residual.amax(dim=-1, keepdim=True) > 0
     residual = torch.where(has_mass, residual, p_next)
     final = torch.where(rejected.unsqueeze(-1), residual, p_next)
     # sample_from needs no normalisation: argmax(r / E) samples from r / sum(r)
     return sample_from(final, noise)
+
+
+def verify_chain(
+    draft_tokens: torch.Tensor,  # [batch, k] int64
+    draft_len: torch.Tensor,  # [batch] int64 drafts actually proposed per row (<= k)
+    target_argmax: torch.Tensor,  # [batch, k+1] int64 argmax of the target logits (greedy rows)
+    p: torch.Tensor,  # [batch, k+1, vocab] float32 target distribution (sampled rows; any values in greedy rows)
+    q_ids: torch.Tensor,  # [batch, k, m] int64 sparse draft distribution of each draft token
+    q_probs: torch.Tensor,  # [batch, k, m] float32 (zero for unused entries)
+    greedy: torch.Tensor,  # [batch] bool
+    uniforms: torch.Tensor,  # [batch, k] float32 U(0, 1) for the accept tests
+    noise: torch.Tensor,  # [batch, vocab] float32 Exp(1) for the recovered or bonus token
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_accepted [batch], next_token [batch]) for a batch mixing greedy and sampled rows.
+
+    The reference of the fused chain rejection sampler (kernels/triton_sampling.py): the same
+    answer from the same random numbers, token for token.
+    """
+    num_g, next_g = verify_greedy(target_argmax, draft_tokens, draft_len)
+    q = sparse_to_dense(q_ids, q_probs, p.shape[-1])  # [batch, k, vocab]
+    num_s, next_s = verify_sampled(p, q, draft_tokens, draft_len, uniforms, noise)
+    return torch.where(greedy, num_g, num_s), torch.where(greedy, next_g, next_s)
