@@ -62,16 +62,17 @@ def response_pb(request_id: str, token_ids: list[int], text: str, finish_reason:
 
 # -- Drafting (internal) ---------------------------------------------------------------------------
 
-def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed: int, k: int):
+def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed: int, k: int, nodes: int = 0):
     """The Start message of a sequence whose drafter context is `context`."""
     start = drafting_pb2.Start(sequence_id=sequence_id, prompt_token_ids=context, temperature=params.temperature,
-                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k)
+                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k, tree_nodes=nodes)
     return drafting_pb2.VerifierMessage(start=start)
 
 
-def verdict_pb(sequence_id: int, accepted: int, next_token: int, k: int):
-    return drafting_pb2.VerifierMessage(
-        verdict=drafting_pb2.Verdict(sequence_id=sequence_id, accepted=accepted, next_token=next_token, k=k))
+def verdict_pb(sequence_id: int, accepted: int, next_token: int, k: int, path: list[int] | None = None,
+               nodes: int = 0):
+    return drafting_pb2.VerifierMessage(verdict=drafting_pb2.Verdict(
+        sequence_id=sequence_id, accepted=accepted, next_token=next_token, k=k, path=path or [], tree_nodes=nodes))
 
 
 def stop_pb(sequence_id: int):
@@ -89,7 +90,7 @@ def start_params(start: drafting_pb2.Start) -> SamplingParams:
 def draft_to_pb(sequence_id: int, draft: Draft, version: str, seconds: float) -> drafting_pb2.DrafterMessage:
     """A Draft message; q rows are sent without their zero-probability padding."""
     pb = drafting_pb2.Draft(sequence_id=sequence_id, tokens=draft.tokens, weight_version=version,
-                            draft_seconds=seconds, forward_passes=draft.forwards)
+                            draft_seconds=seconds, forward_passes=draft.forwards, parents=draft.parents or [])
     if draft.q_ids is not None and draft.tokens:
         for ids, probs in zip(draft.q_ids.tolist(), draft.q_probs.tolist()):
             keep = [(i, p) for i, p in zip(ids, probs) if p > 0]
@@ -97,17 +98,23 @@ def draft_to_pb(sequence_id: int, draft: Draft, version: str, seconds: float) ->
     return drafting_pb2.DrafterMessage(draft=pb)
 
 
-def draft_from_pb(pb: drafting_pb2.Draft, requested: int, vocab_size: int, sampled: bool) -> Draft:
+def draft_from_pb(pb: drafting_pb2.Draft, requested: int, vocab_size: int, sampled: bool, nodes: int = 0) -> Draft:
     """An engine Draft from the wire, checked so a broken drafter cannot break verification.
 
     Rows of q are padded to the longest with probability-zero entries (harmless to
-    sparse_to_dense). A draft with out-of-vocabulary tokens, more tokens than requested, or a q
-    that does not match its tokens (or is missing when `sampled`) is dropped (empty draft).
+    sparse_to_dense). Tokens past what was asked for (k for a chain, `nodes` for a tree) are cut
+    off. A draft with out-of-vocabulary tokens, a tree nobody asked for or whose parents do not
+    come before their children, or a q that does not match its tokens (or is missing when
+    `sampled`) is dropped (empty draft).
     """
-    tokens = list(pb.tokens)[:requested]
-    if any(t >= vocab_size for t in tokens) or (sampled and tokens and len(pb.q) < len(tokens)):
+    is_tree = len(pb.parents) > 0
+    tokens = list(pb.tokens)[: max(requested, nodes) if is_tree else requested]
+    parents = list(pb.parents)[: len(tokens)] if is_tree else None
+    broken_tree = is_tree and (nodes <= 0 or len(parents) != len(tokens)
+                               or any(not -1 <= par < i for i, par in enumerate(parents)))
+    if broken_tree or any(t >= vocab_size for t in tokens) or (sampled and tokens and len(pb.q) < len(tokens)):
         return Draft([], requested=requested, seconds=pb.draft_seconds)
-    draft = Draft(tokens, forwards=pb.forward_passes, requested=requested, seconds=pb.draft_seconds)
+    draft = Draft(tokens, forwards=pb.forward_passes, requested=requested, seconds=pb.draft_seconds, parents=parents)
     if pb.q and tokens:
         rows = list(pb.q)[: len(tokens)]
         if len(rows) != len(tokens) or any(len(r.token_ids) != len(r.probs) or not r.token_ids for r in rows):

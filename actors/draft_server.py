@@ -114,7 +114,7 @@ class DraftWorker:
             wave.append(item)
 
     def _handle(self, wave: list) -> None:
-        pending: dict[int, tuple[_Stream, int, int]] = {}  # seq -> (stream, wire id, k)
+        pending: dict[int, tuple[_Stream, int, int, int]] = {}  # seq -> (stream, wire id, k, tree nodes)
         for stream, msg in wave:
             if msg is None:
                 self._drop_stream(stream)
@@ -130,17 +130,30 @@ class DraftWorker:
                 if seq is None:
                     stream.send(_unknown(wire_id, self.weight_version))
                 else:
-                    pending[seq] = (stream, wire_id, msg.start.k)
+                    pending[seq] = (stream, wire_id, msg.start.k, msg.start.tree_nodes)
             elif kind == "verdict":
                 if seq is None:
                     stream.send(_unknown(wire_id, self.weight_version))
                     continue
-                self.drafter.verdict(seq, msg.verdict.accepted, msg.verdict.next_token)
-                pending[seq] = (stream, wire_id, msg.verdict.k)
+                if not self._verdict(seq, msg.verdict):
+                    stream.send(_unknown(wire_id, self.weight_version))  # cannot follow it: start over
+                    self._stop(stream.stream_id, wire_id)
+                    continue
+                pending[seq] = (stream, wire_id, msg.verdict.k, msg.verdict.tree_nodes)
             elif kind == "stop" and seq is not None:
                 self._stop(stream.stream_id, wire_id)
         if pending:
             self._answer(pending)
+
+    def _verdict(self, seq: int, verdict) -> bool:
+        """Apply a Verdict; False when it does not fit the last draft (a confused verifier)."""
+        last = self.drafter.seqs[seq].last_draft
+        path = list(verdict.path) or None
+        if (path is not None and (len(path) != verdict.accepted or any(i >= len(last) for i in path))) \
+                or verdict.accepted > len(last):
+            return False
+        self.drafter.verdict(seq, verdict.accepted, verdict.next_token, path)
+        return True
 
     def _start(self, stream: _Stream, start) -> int | None:
         key = (stream.stream_id, start.sequence_id)
@@ -167,14 +180,14 @@ class DraftWorker:
         for key in [k for k in self.seq_ids if k[0] == stream.stream_id]:
             self._stop(*key)
 
-    def _answer(self, pending: dict[int, tuple[_Stream, int, int]]) -> None:
+    def _answer(self, pending: dict[int, tuple[_Stream, int, int, int]]) -> None:
         """One batched propose for every sequence of the wave; its time is each draft's time."""
         seqs = list(pending)
         t0 = time.perf_counter()
-        drafts = self.drafter.propose([DraftRequest(s, pending[s][2]) for s in seqs])
+        drafts = self.drafter.propose([DraftRequest(s, pending[s][2], pending[s][3]) for s in seqs])
         seconds = time.perf_counter() - t0
         for seq, draft in zip(seqs, drafts):
-            stream, wire_id, _ = pending[seq]
+            stream, wire_id, _, _ = pending[seq]
             stream.send(draft_to_pb(wire_id, draft, self.weight_version, seconds))
             self.drafts_sent += 1
 

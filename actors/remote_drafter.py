@@ -86,9 +86,10 @@ class _Remote:
 
     link: _Link | None = None
     outstanding: int = 0  # Starts/Verdicts sent and not yet answered
-    verdicts: list[tuple[int, int]] = field(default_factory=list)  # not yet sent (accepted, next_token)
+    verdicts: list[tuple] = field(default_factory=list)  # not yet sent (accepted, next_token, path)
     waiting: bool = False
     k: int = 0  # draft length asked for in the awaited round
+    nodes: int = 0  # tree budget asked for in the awaited round (0: a chain)
     result: Draft | None = None
     sent_at: float = 0.0
     starting: bool = False  # the drafter may still be prefilling: misses don't count, no cost samples
@@ -127,12 +128,12 @@ class RemoteDrafterPool(BaseDrafter):
             super().start(seq_id, prompt_ids, params)
             self.remote[seq_id] = _Remote()
 
-    def verdict(self, seq_id: int, accepted: int, next_token: int) -> None:
+    def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         with self._cond:
-            super().verdict(seq_id, accepted, next_token)
+            super().verdict(seq_id, accepted, next_token, path)
             rs = self.remote[seq_id]
             if rs.link is not None:
-                rs.verdicts.append((accepted, next_token))
+                rs.verdicts.append((accepted, next_token, path))
 
     def stop(self, seq_id: int) -> None:
         with self._cond:
@@ -146,7 +147,7 @@ class RemoteDrafterPool(BaseDrafter):
         with self._cond:
             now = time.monotonic()
             for r in reqs:
-                self._request(r.seq_id, r.k, now)
+                self._request(r.seq_id, r.k, r.nodes, now)
             deadline = now + self.deadline_s
             awaited = [self.remote[r.seq_id] for r in reqs if self.remote[r.seq_id].waiting]
             while any(rs.result is None and rs.link is not None for rs in awaited):
@@ -176,26 +177,26 @@ class RemoteDrafterPool(BaseDrafter):
 
     # -- requests and answers (under the lock) ----------------------------------------------------
 
-    def _request(self, seq_id: int, k: int, now: float) -> None:
+    def _request(self, seq_id: int, k: int, nodes: int, now: float) -> None:
         rs = self.remote[seq_id]
-        rs.waiting, rs.result, rs.k = False, None, k
+        rs.waiting, rs.result, rs.k, rs.nodes = False, None, k, nodes
         if rs.link is None and now >= rs.retry_at and k > 0:  # no drafter work while speculation is off
-            self._attach(seq_id, rs, k)
+            self._attach(seq_id, rs, k, nodes)
         elif rs.link is not None and rs.verdicts:
-            for i, (accepted, nxt) in enumerate(rs.verdicts):
+            for i, (accepted, nxt, path) in enumerate(rs.verdicts):
                 last = i == len(rs.verdicts) - 1
-                rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0))
+                rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0, path, nodes if last else 0))
             rs.outstanding += len(rs.verdicts)
             rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0
         rs.sent_at = now
 
-    def _attach(self, seq_id: int, rs: _Remote, k: int) -> None:
+    def _attach(self, seq_id: int, rs: _Remote, k: int, nodes: int) -> None:
         link = self._choose_link()
         if link is None:
             rs.retry_at = time.monotonic() + self.retry_s
             return
         st = self.seqs[seq_id]
-        link.send(start_pb(seq_id, st.context, st.params, st.seed, k))
+        link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes))
         rs.link, rs.outstanding, rs.verdicts, rs.misses, rs.answered = link, 1, [], 0, False
         # the first draft waits for the drafter's prefill of the whole context: the batch does
         # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
@@ -257,7 +258,7 @@ class RemoteDrafterPool(BaseDrafter):
                 self._detach(pb.sequence_id, rs, retry_s=0.2)
             elif rs.outstanding == 0 and rs.waiting:
                 sampled = not self.seqs[pb.sequence_id].params.greedy
-                rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled)
+                rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled, rs.nodes)
                 rs.version = pb.weight_version
                 if rs.starting:  # its wait includes the drafter's prefill: not a cost sample
                     rs.result.forwards, rs.result.seconds = 0, None

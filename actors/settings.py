@@ -47,6 +47,8 @@ class VerifierSettings:
     k_max: int = 8
     draft_deadline_ms: float = 50.0
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
+    tree_nodes: int = 0  # > 0: ask drafters for token trees of up to this many tokens
+    kernels: str = "auto"  # kernels/dispatch.py backend
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class DrafterSettings:
     host: str | None = None
     weight_version: str = "demo-v0"
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
+    tree_nodes: int = 0  # > 0: answer tree requests with token trees (the model drafter)
+    kernels: str = "auto"  # kernels/dispatch.py backend
 
 
 def use_threads(threads: int) -> None:

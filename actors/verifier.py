@@ -40,7 +40,8 @@ class Verifier:
         self.device = assigned_device()
         use_threads(settings.threads)
         models = settings.models
-        cfg = RunnerConfig(settings.max_num_seqs, settings.max_seq_len, None, DTYPES[models.dtype], self.device)
+        cfg = RunnerConfig(settings.max_num_seqs, settings.max_seq_len, None, DTYPES[models.dtype], self.device,
+                           settings.kernels)
         target = ModelRunner.from_pretrained(models.target_path, cfg)
         self.tokenizer = load_tokenizer(models.target_path)
         self._endpoints: list[DrafterEndpoint] = []
@@ -49,7 +50,9 @@ class Verifier:
             self.pool = RemoteDrafterPool(lambda: self._endpoints, target.vocab_size,
                                           deadline_s=settings.draft_deadline_ms / 1000,
                                           node_id=ray.get_runtime_context().get_node_id())
-        engine = SpeculativeEngine(target, self.tokenizer, self.pool, DraftLengthConfig(k_max=settings.k_max))
+        tree_nodes = settings.tree_nodes if models.drafter_kind == "model" else 0
+        engine = SpeculativeEngine(target, self.tokenizer, self.pool,
+                                   DraftLengthConfig(k_max=settings.k_max, tree_nodes=tree_nodes), kernels=settings.kernels)
         self.metrics = VerifierMetrics()
         self.totals = {"steps": 0, "drafted": 0, "accepted": 0}  # since the replica started
         self.scheduler = Scheduler(engine, settings.max_queue, on_step=self._on_step)

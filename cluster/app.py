@@ -22,10 +22,12 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype)
     spec = cfg.speculation
     verifier = VerifierSettings(models, cfg.verifier.max_num_seqs, cfg.verifier.max_seq_len, cfg.verifier.max_queue,
-                                spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)))
+                                spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)),
+                                tree_nodes=spec.tree_nodes, kernels=spec.kernels)
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
-                              threads=max(1, round(cfg.drafter.num_cpus)))
+                              threads=max(1, round(cfg.drafter.num_cpus)), tree_nodes=spec.tree_nodes,
+                              kernels=spec.kernels)
     return verifier, drafter
 
 

@@ -44,9 +44,18 @@ def _bench(args: argparse.Namespace) -> int:
 
         args.out = args.out or "runs/bench_serving.json"
         return bench_serving_main(args)
-    args.out = args.out or "runs/bench_local.json"
-
     set_threads(args.threads)
+    if args.trees:
+        from specserve.cluster.bench_trees import bench_trees_main
+
+        args.out = args.out or "runs/bench_trees.json"
+        return bench_trees_main(args)
+    if args.kernels:
+        from specserve.cluster.bench_kernels import bench_kernels_main
+
+        args.out = args.out or "runs/bench_kernels.json"
+        return bench_kernels_main(args)
+    args.out = args.out or "runs/bench_local.json"
     return bench_main(args)
 
 
@@ -91,6 +100,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--port", type=int, default=50061, help="--serving: gRPC port of the local benchmark cluster")
     p.add_argument("--drafter", default="model", choices=["model", "ngram"],
                    help="--serving: the speculative variants' drafter")
+    p.add_argument("--trees", action="store_true",
+                   help="token trees vs chains at the same verify budget (in-process, demo pair)")
+    p.add_argument("--budgets", default="4,8,16", help="--trees: draft positions verified per step")
+    p.add_argument("--branching", type=int, default=4, help="--trees: most children per tree node")
+    p.add_argument("--kernels", action="store_true",
+                   help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
     p.set_defaults(func=_bench)
 
 

@@ -110,7 +110,12 @@ class SpeculationConfig(Strict):
     k_max: int = Field(8, ge=1, le=32, description="Longest draft block.")
     confidence_threshold: float = Field(0.4, ge=0, le=1, description="Drafter stops when its top probability falls below.")
     draft_deadline_ms: float = Field(50.0, gt=0, description="Longest wait for a draft; a late sequence decodes without.")
-    pipelined: bool = Field(True, description="Drafters draft block n+1 while block n is verified.")
+    pipelined: bool = Field(True, description="Drafters draft block n+1 while block n is verified (chains only).")
+    tree_nodes: int = Field(0, ge=0, le=63, description=(
+        "> 0: the model drafter drafts token trees of up to this many tokens (depth = the chosen draft "
+        "length) instead of chains; 0 = chains."))
+    kernels: Literal["auto", "torch", "triton"] = Field("auto", description=(
+        "Verification and cache kernels: auto = Triton on CUDA devices, the torch reference on CPUs."))
 
 
 class ServerConfig(Strict):

@@ -16,7 +16,24 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from specserve.kernels import dispatch
+
 ATTN_IMPLEMENTATION = "specserve"
+
+
+@dataclass(frozen=True)
+class PagedBlock:
+    """What the paged attention kernel needs instead of a dense mask (kernels/tree_attention.py).
+
+    With it, the cache hands the attention its whole storage and the kernel reads each row in
+    place through `slots`: no gather of the cached prefix per layer and step.
+    """
+
+    slots: torch.Tensor  # [batch] int64
+    prefix_len: torch.Tensor  # [batch] int64
+    block: torch.Tensor  # [batch, n, n] bool mask among the new positions
+    positions: torch.Tensor  # [batch, n] int64 logical positions of the new tokens
+    backend: str  # kernels/dispatch.py
 
 
 @dataclass
@@ -30,8 +47,9 @@ class BlockMask:
 
     allowed: torch.Tensor | None
     q_pos: torch.Tensor
-    k_pos: torch.Tensor
+    k_pos: torch.Tensor | None
     _windowed: dict = field(default_factory=dict)
+    paged: PagedBlock | None = None  # set: the paged kernel computes the attention (no dense mask)
 
     @staticmethod
     def chain(prefix_len: torch.Tensor, n: int, kv_len: int) -> "BlockMask":
@@ -90,6 +108,12 @@ def specserve_attention(
     """Scaled dot-product attention of the new positions over cache + block."""
     if block_mask is None:
         raise RuntimeError("specserve attention needs a block_mask; run models through ModelRunner")
+    if block_mask.paged is not None:  # key/value are the layer's whole cache storage
+        pg = block_mask.paged
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = dispatch.tree_attention(query, key, value, pg.slots, pg.prefix_len, pg.block, scale, pg.positions,
+                                      sliding_window, backend=pg.backend)
+        return out, None
     mask = block_mask.for_window(sliding_window)
     batch, heads, n, head_dim = query.shape
     groups = heads // key.shape[1]

@@ -11,6 +11,8 @@ from specserve.actors.engine.draft_length import DraftLengthConfig
 from specserve.actors.engine.drafters import BaseDrafter, ModelDrafter, NgramDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.engine.tree_drafting import TreeDrafter
+from specserve.kernels.dispatch import Backend
 
 DRAFTER_KINDS = ("model", "ngram", "none")
 
@@ -28,6 +30,8 @@ class EngineSpec:
     device: str = "cpu"
     k_max: int = 8
     confidence_threshold: float = 0.4
+    tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
+    kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
 
 
 def load_tokenizer(path: Path):
@@ -47,16 +51,19 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
         return NgramDrafter()
     if spec.drafter_path is None:
         raise ValueError("the model drafter needs a checkpoint path")
-    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device)
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels)
     runner = ModelRunner.from_pretrained(spec.drafter_path, cfg)
     if runner.vocab_size != target_vocab:
         raise ValueError(f"drafter vocabulary ({runner.vocab_size}) differs from the target's ({target_vocab})")
+    if spec.tree_nodes > 0:
+        return TreeDrafter(runner, confidence_threshold=spec.confidence_threshold)
     return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold)
 
 
 def build_engine(spec: EngineSpec) -> SpeculativeEngine:
     """Load the target (and drafter) and return a ready engine."""
-    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device)
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels)
     target = ModelRunner.from_pretrained(spec.target, cfg)
     drafter = build_drafter(spec, target.vocab_size)
-    return SpeculativeEngine(target, load_tokenizer(spec.target), drafter, DraftLengthConfig(k_max=spec.k_max))
+    policy = DraftLengthConfig(k_max=spec.k_max, tree_nodes=spec.tree_nodes if spec.drafter == "model" else 0)
+    return SpeculativeEngine(target, load_tokenizer(spec.target), drafter, policy, kernels=spec.kernels)

@@ -26,6 +26,16 @@ class DraftLengthConfig:
     recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
     probe_every: int = 32  # after this many steps without drafting, draft one token to re-measure its cost
+    tree_nodes: int = 0  # > 0: ask for token trees of up to this many drafts (depth = the chosen k); 0 = chains
+
+    def __post_init__(self):
+        if not 0 <= self.tree_nodes <= 63:
+            raise ValueError(f"tree_nodes must be in [0, 63], got {self.tree_nodes}")
+
+    @property
+    def block_max(self) -> int:
+        """The most draft tokens one verification block can hold."""
+        return max(self.k_max, self.tree_nodes, self.fixed_k or 0)
 
 
 class CostModel:

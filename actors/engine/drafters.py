@@ -31,6 +31,11 @@ class Draft:
     forwards: int = 0  # drafter forward passes spent on this draft
     requested: int = 0  # the k that was asked for (0: speculation was off for this step)
     seconds: float | None = None  # drafting time measured by a remote drafter (None: local, timed by the caller)
+    parents: list[int] | None = None  # a token tree: parent draft index of each token, -1 = the root (None: a chain)
+
+    def tree_parents(self) -> list[int]:
+        """Parent of every draft token (-1: the pending token); a chain's are i - 1."""
+        return self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
 
 
 @dataclass
@@ -39,6 +44,7 @@ class DraftRequest:
 
     seq_id: int
     k: int
+    nodes: int = 0  # > 0: a token tree of at most this many tokens and depth k (drafters that can)
 
 
 @dataclass
@@ -75,10 +81,14 @@ class BaseDrafter:
         seed = params.seed if params.seed is not None else randomness.fresh_seed()
         self.seqs[seq_id] = SeqState(list(prompt_ids), params, seed, len(prompt_ids))
 
-    def verdict(self, seq_id: int, accepted: int, next_token: int) -> None:
-        """The verifier kept the first `accepted` drafts, then emitted `next_token`."""
+    def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
+        """The verifier kept `accepted` drafts, then emitted `next_token`.
+
+        `path` names the kept draft indices when the draft was a tree (None: the first `accepted`).
+        """
         st = self.seqs[seq_id]
-        st.context.extend(st.last_draft[:accepted])
+        kept = path if path is not None else range(accepted)
+        st.context.extend(st.last_draft[i] for i in kept)
         st.context.append(next_token)
         st.last_draft = []
 
@@ -192,11 +202,11 @@ class ModelDrafter(BaseDrafter):
             self.runner.free(st.slot)
         super().stop(seq_id)
 
-    def verdict(self, seq_id: int, accepted: int, next_token: int) -> None:
+    def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         st = self.seqs[seq_id]
         base = len(st.context)
         hit = st.guess == next_token and accepted == len(st.last_draft)
-        super().verdict(seq_id, accepted, next_token)
+        super().verdict(seq_id, accepted, next_token, path)
         if hit and st.ahead is not None:
             # the cache holds context + ahead drafts, all still valid: keep them
             st.ready, st.ready_done = st.ahead, st.ahead_done

@@ -22,9 +22,12 @@ from specserve.actors.engine.request import (
 )
 from specserve.actors.engine.runner import ModelRunner
 from specserve.actors.engine.stops import StopChecker
-from specserve.kernels.sampling import sampling_probs, sparse_to_dense
 from specserve.actors.engine import randomness
-from specserve.kernels.verify import accept_drafts, sample_next, verify_greedy
+from specserve.kernels import dispatch
+from specserve.kernels.dispatch import Backend
+from specserve.kernels.sampling import sampling_probs
+from specserve.kernels.tree import tree_depth, tree_mask
+from specserve.kernels.verify import verify_greedy
 
 
 @dataclass
@@ -72,8 +75,9 @@ class SpeculativeEngine:
     """Continuous batching of speculative decoding over one target model."""
 
     def __init__(self, target: ModelRunner, tokenizer, drafter: BaseDrafter | None = None,
-                 policy: DraftLengthConfig = DraftLengthConfig(), rtt_s: float = 0.0):
+                 policy: DraftLengthConfig = DraftLengthConfig(), rtt_s: float = 0.0, kernels: Backend = "auto"):
         self.target = target
+        self.kernels = kernels  # which implementation of the verification kernels (kernels/dispatch.py)
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.policy = policy
@@ -96,7 +100,7 @@ class SpeculativeEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise InvalidRequestError("stop_token_ids", f"token id {bad[0]} outside [0, {self.target.vocab_size})")
-        limit = self.target.cfg.max_seq_len - self.policy.k_max - 1
+        limit = self.target.cfg.max_seq_len - self.policy.block_max - 1
         if len(prompt_ids) + params.max_tokens > limit:
             raise InvalidRequestError(
                 "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds {limit}"
@@ -155,7 +159,9 @@ class SpeculativeEngine:
         if self.drafter is None or not any(ks):
             return [Draft([]) for _ in seqs]
         t0 = time.perf_counter()
-        drafts = self.drafter.propose([DraftRequest(s.seq_id, k) for s, k in zip(seqs, ks)])
+        nodes = self.policy.tree_nodes
+        drafts = self.drafter.propose([DraftRequest(s.seq_id, k, max(k, nodes) if k and nodes else 0)
+                                       for s, k in zip(seqs, ks)])
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
         remote = [d.seconds for d in drafts if d.seconds is not None]
         if remote:  # a remote drafter: its own drafting time, and the rest is the round trip
@@ -174,62 +180,91 @@ class SpeculativeEngine:
             return []
         self.cost.use_batch(len(seqs))
         drafts = self._draft(seqs)
-        n = 1 + max(len(d.tokens) for d in drafts)
-        tokens = torch.zeros(len(seqs), n, dtype=torch.long)
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
-            tokens[i, : 1 + len(d.tokens)] = torch.tensor([s.pending] + d.tokens)
-        n_valid = [1 + len(d.tokens) for d in drafts]
+        block = VerifyBlock.of([s.pending for s in seqs], drafts)
         lengths = [self.target.length(s.slot) for s in seqs]
         t0 = time.perf_counter()
-        logits = self.target.forward([s.slot for s in seqs], tokens, n_valid)  # [batch, n, vocab]
-        num_acc, next_tok = self._verify(seqs, drafts, tokens, logits)
+        mask = None if block.parents is None else tree_mask(block.parents)
+        depth = None if block.parents is None else tree_depth(block.parents)
+        logits = self.target.forward([s.slot for s in seqs], block.tokens, block.n_valid, mask, depth)  # [batch, n, vocab]
+        path, num_acc, next_tok = self._verify(seqs, drafts, block, logits)
+        if path is not None:
+            self._compact(seqs, lengths, path, num_acc)
         elapsed = time.perf_counter() - t0
-        self.cost.observe_verify(n, elapsed)
+        self.cost.observe_verify(block.tokens.shape[1], elapsed)
         self.timing.verify_s += elapsed
         self.timing.verify_steps += 1
-        return [self._commit(s, d, length, a, t) for s, d, length, a, t in
-                zip(seqs, drafts, lengths, num_acc.tolist(), next_tok.tolist())]
+        paths = [None] * len(seqs) if path is None else [[i - 1 for i in row[1 : 1 + a]]
+                                                        for row, a in zip(path.tolist(), num_acc.tolist())]
+        return [self._commit(s, d, length, a, t, pa) for s, d, length, a, t, pa in
+                zip(seqs, drafts, lengths, num_acc.tolist(), next_tok.tolist(), paths)]
 
-    def _verify(self, seqs, drafts, tokens, logits):
-        """(num_accepted [batch], next_token [batch]) for a batch mixing greedy and sampled rows."""
-        draft_tokens = tokens[:, 1:]  # [batch, n-1]
+    def _verify(self, seqs: list[Sequence], drafts: list[Draft], block: "VerifyBlock", logits: torch.Tensor):
+        """(path [batch, n] or None for chains, num_accepted [batch], next_token [batch])."""
+        target_argmax = logits.argmax(dim=-1)  # [batch, n]
+        greedy = torch.tensor([s.params.greedy for s in seqs])
         draft_len = torch.tensor([len(d.tokens) for d in drafts])
-        num_acc, next_tok = verify_greedy(logits.argmax(dim=-1), draft_tokens, draft_len)
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled:
-            acc_s, tok_s = self._verify_sampled([seqs[i] for i in sampled], [drafts[i] for i in sampled],
-                                                draft_tokens[sampled], draft_len[sampled], logits[sampled])
-            num_acc[sampled], next_tok[sampled] = acc_s, tok_s
-        return num_acc, next_tok
+        if bool(greedy.all()) and block.parents is None:
+            return (None, *verify_greedy(target_argmax, block.tokens[:, 1:], draft_len))
+        p, q_ids, q_probs, uniforms, noise = self._sampling_inputs(seqs, drafts, block, logits, greedy)
+        if block.parents is None:
+            num_acc, next_tok = dispatch.verify_chain(block.tokens[:, 1:], draft_len, target_argmax, p, q_ids[:, 1:],
+                                                      q_probs[:, 1:], greedy, uniforms[:, 1:], noise,
+                                                      backend=self.kernels)
+            return None, num_acc, next_tok
+        return dispatch.verify_tree(block.tokens, block.parents, target_argmax, p, q_ids, q_probs, greedy, uniforms,
+                                    noise, backend=self.kernels)
 
-    def _verify_sampled(self, seqs, drafts, draft_tokens, draft_len, logits):
+    def _sampling_inputs(self, seqs, drafts, block, logits, greedy):
+        """p, sparse q, uniforms and noise per block position (zeros in greedy rows)."""
         batch, n, vocab = logits.shape
-        def per_row(values, dtype):
-            return torch.tensor(values, dtype=dtype).unsqueeze(1).expand(batch, n)
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        p = torch.zeros(batch, n, vocab, device=logits.device)
+        if sampled:
+            rows = [seqs[i].params for i in sampled]
+            def per_row(values, dtype):
+                return torch.tensor(values, dtype=dtype, device=logits.device).unsqueeze(1).expand(len(sampled), n)
+            p[sampled] = sampling_probs(logits[sampled], per_row([r.temperature for r in rows], torch.float32),
+                                        per_row([r.top_k for r in rows], torch.long),
+                                        per_row([r.top_p for r in rows], torch.float64))
+        m = max([d.q_ids.shape[1] for d in drafts if d.q_ids is not None and d.tokens] or [1])
+        q_ids = torch.zeros(batch, n, m, dtype=torch.long)
+        q_probs = torch.zeros(batch, n, m)
+        uniforms = torch.zeros(batch, n)
+        noise = torch.ones(batch, vocab)
+        for i in sampled:
+            s, d = seqs[i], drafts[i]
+            if d.tokens and d.q_ids is not None:
+                q_ids[i, 1 : 1 + len(d.tokens), : d.q_ids.shape[1]] = d.q_ids
+                q_probs[i, 1 : 1 + len(d.tokens), : d.q_probs.shape[1]] = d.q_probs
+            start = len(s.generated)  # output position of the step's first new token
+            if block.parents is None:
+                uniforms[i, 1:] = randomness.uniforms(s.seed, start, n - 1)
+            else:
+                uniforms[i] = randomness.node_uniforms(s.seed, start, n)
+            noise[i] = randomness.exp_noise(s.seed, start, vocab)
+        dev = logits.device
+        return p, q_ids.to(dev), q_probs.to(dev), uniforms.to(dev), noise.to(dev)
 
-        p = sampling_probs(logits, per_row([s.params.temperature for s in seqs], torch.float32),
-                           per_row([s.params.top_k for s in seqs], torch.long),
-                           per_row([s.params.top_p for s in seqs], torch.float64))  # [batch, n, vocab]
-        q = torch.zeros(batch, n - 1, vocab)
-        for i, d in enumerate(drafts):
-            if d.tokens:
-                q[i, : len(d.tokens)] = sparse_to_dense(d.q_ids, d.q_probs, vocab)
-        starts = [len(s.generated) for s in seqs]  # output position of each row's first new token
-        uniforms = torch.stack([randomness.uniforms(s.seed, t, n - 1) for s, t in zip(seqs, starts)])
-        num_acc = accept_drafts(p, q, draft_tokens, draft_len, uniforms)
-        noise = torch.stack([randomness.exp_noise(s.seed, t + a, vocab)
-                             for s, t, a in zip(seqs, starts, num_acc.tolist())])
-        return num_acc, sample_next(p, q, num_acc, draft_len, noise)
+    def _compact(self, seqs: list[Sequence], lengths: list[int], path: torch.Tensor, num_acc: torch.Tensor) -> None:
+        """Move each row's accepted tree path into place in the target cache (chains need nothing)."""
+        n = path.shape[1]
+        in_place = torch.arange(n).unsqueeze(0) <= num_acc.unsqueeze(1)  # [batch, n]
+        moved = ((path != torch.arange(n)) & in_place).any(dim=1)
+        rows = moved.nonzero().flatten().tolist()
+        if rows:
+            self.target.compact([seqs[i].slot for i in rows], [lengths[i] for i in rows], path[rows])
 
-    def _commit(self, seq: Sequence, draft: Draft, length: int, accepted: int, next_token: int) -> StepOutput:
+    def _commit(self, seq: Sequence, draft: Draft, length: int, accepted: int, next_token: int,
+                path: list[int] | None) -> StepOutput:
         """Keep pending + accepted drafts in the cache, emit tokens up to the first stop."""
         self.target.truncate(seq.slot, length + 1 + accepted)
         seq.drafted += len(draft.tokens)
         seq.accepted += accepted
         seq.steps += 1
-        seq.tracker.observe(len(draft.tokens), accepted, speculation_off=draft.requested == 0)
+        seq.tracker.observe(_tested(draft, accepted, path), accepted, speculation_off=draft.requested == 0)
+        kept = [draft.tokens[i] for i in path] if path is not None else draft.tokens[:accepted]
         emitted = []
-        for tok in draft.tokens[:accepted] + [next_token]:
+        for tok in kept + [next_token]:
             seq.generated.append(tok)
             emitted.append(tok)
             seq.finish_reason = seq.stops.check(seq.generated)
@@ -237,7 +272,7 @@ class SpeculativeEngine:
                 break
         seq.pending = next_token
         if not seq.finish_reason and self.drafter is not None:
-            self.drafter.verdict(seq.seq_id, accepted, next_token)
+            self.drafter.verdict(seq.seq_id, accepted, next_token, path)
         return StepOutput(seq.seq_id, emitted, seq.finish_reason)
 
     # -- whole requests --------------------------------------------------------------------------
@@ -265,6 +300,42 @@ class SpeculativeEngine:
                     results[ids[out.seq_id]] = self.result(self.seqs[out.seq_id], time.perf_counter() - start)
                     self.release(out.seq_id)
         return [results[i] for i in range(len(prompts))]
+
+
+@dataclass
+class VerifyBlock:
+    """The target's input of one step: [pending, drafts...] per row, right-padded.
+
+    tokens:  [batch, n] int64
+    n_valid: real positions per row
+    parents: [batch, n] int64 parent block position of each position (-1: root and padding),
+             or None when every row is a chain
+    """
+
+    tokens: torch.Tensor
+    n_valid: list[int]
+    parents: torch.Tensor | None
+
+    @staticmethod
+    def of(pending: list[int], drafts: list[Draft]) -> "VerifyBlock":
+        n = 1 + max(len(d.tokens) for d in drafts)
+        tokens = torch.zeros(len(drafts), n, dtype=torch.long)
+        parents = torch.full((len(drafts), n), -1, dtype=torch.long)
+        for i, (pend, d) in enumerate(zip(pending, drafts)):
+            tokens[i, : 1 + len(d.tokens)] = torch.tensor([pend] + d.tokens)
+            parents[i, 1 : 1 + len(d.tokens)] = torch.tensor(d.tree_parents(), dtype=torch.long) + 1
+        is_tree = any(d.parents is not None for d in drafts)
+        return VerifyBlock(tokens, [1 + len(d.tokens) for d in drafts], parents if is_tree else None)
+
+
+def _tested(draft: Draft, accepted: int, path: list[int] | None) -> int:
+    """Draft tokens that were put to the test: the accepted ones and, after them, one rejected
+    (a tree tests one branch; alternatives it did not reach say nothing about alpha)."""
+    if path is None:
+        return len(draft.tokens)
+    last = path[-1] if path else -1
+    has_child = any(par == last for par in draft.tree_parents())
+    return accepted + (1 if has_child else 0)
 
 
 def _eos_ids(config, tokenizer) -> set[int]:

@@ -53,6 +53,7 @@ class StepLayout:
     write: torch.Tensor
     kv_len: int
     single: tuple[int, int] | None = None  # (slot, first write position) when the batch is one row
+    paged: bool = False  # return the whole storage: the paged attention kernel reads rows in place
 
 
 class KVCache:
@@ -117,10 +118,16 @@ class KVCache:
         """Store the new keys/values and return the rows the attention reads.
 
         key, value: [batch, kv_heads, n, head_dim]. Returns keys and values of shape
-        [batch, kv_heads, kv_len, head_dim] (a view when the batch is a single slot).
+        [batch, kv_heads, kv_len, head_dim] (a view when the batch is a single slot), or the
+        whole storage when the paged attention kernel reads the rows itself.
         """
         lay = self.layout
         k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
+        if lay.paged:
+            rows = lay.slots.unsqueeze(1).expand_as(lay.write)  # [batch, n]
+            k_store[rows, lay.write] = key.transpose(1, 2).to(k_store.dtype)
+            v_store[rows, lay.write] = value.transpose(1, 2).to(v_store.dtype)
+            return k_store, v_store  # [num_slots, capacity, kv_heads, head_dim]
         if lay.single is not None:  # one sequence: plain slices, no gather/scatter
             s, start = lay.single
             end = start + key.shape[2]

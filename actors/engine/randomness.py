@@ -1,17 +1,19 @@
 """Random numbers indexed by (request seed, output position, stream).
 
-Each random number a sampled request consumes belongs to one output position: the uniform that
-tests a draft token there, the noise that samples the token emitted there, the noise the drafter
-used to sample its draft there. Drawing them from a generator keyed by the position (not from
-one stream consumed step by step) makes a seeded request's output independent of what else is
-in the batch and of how its positions were grouped into blocks.
+Each random number a sampled request consumes is keyed by where it is used: the uniform that
+tests a chain draft token (its output position), the uniform that tests a tree node (the step's
+first output position and the node), the noise that samples a step's recovered or bonus token
+(the step's first output position: one draw per step, known before the verdict so a fused
+kernel can take it), the noise the drafter used to sample its draft there. Drawing them from
+generators keyed this way (not from one stream consumed step by step) makes a seeded request's
+output independent of what else is in the batch.
 """
 
 from __future__ import annotations
 
 import torch
 
-ACCEPT, SAMPLE, DRAFT = 0, 1, 2  # streams
+ACCEPT, SAMPLE, DRAFT, NODE = 0, 1, 2, 3  # streams (NODE + i: tree node i)
 _MASK = 2**63 - 1
 
 
@@ -25,6 +27,12 @@ def _generator(seed: int, position: int, stream: int) -> torch.Generator:
 def uniforms(seed: int, start: int, count: int) -> torch.Tensor:
     """U(0, 1) for the accept tests at positions start .. start+count-1.  # [count]"""
     return torch.cat([torch.rand(1, generator=_generator(seed, start + i, ACCEPT)) for i in range(count)]) \
+        if count else torch.zeros(0)
+
+
+def node_uniforms(seed: int, start: int, count: int) -> torch.Tensor:
+    """U(0, 1) for the accept tests of tree nodes 0 .. count-1 of the step starting at `start`.  # [count]"""
+    return torch.cat([torch.rand(1, generator=_generator(seed, start, NODE + i)) for i in range(count)]) \
         if count else torch.zeros(0)
 
 

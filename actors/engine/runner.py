@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask  # importing registers it
+from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask, PagedBlock  # importing registers it
 from specserve.actors.engine.kv_cache import CacheShape, KVCache, StepLayout
+from specserve.kernels import dispatch
+from specserve.kernels.dispatch import Backend
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 
@@ -29,6 +31,7 @@ class RunnerConfig:
     kv_budget_bytes: int | None = None  # refuse to start when the cache would exceed this
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    kernels: Backend = "auto"  # torch reference or Triton for the cache kernels (kernels/dispatch.py)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -62,6 +65,8 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.cache = KVCache(cache_shape(model, cfg.dtype), cfg.max_num_seqs, cfg.max_seq_len,
                              self.device, cfg.kv_budget_bytes)
+        # the paged attention kernel reads cache rows in place (Triton on CUDA, see kernels/dispatch.py)
+        self.paged = dispatch.use_triton(self.device, cfg.kernels)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cfg: RunnerConfig = RunnerConfig()) -> "ModelRunner":
@@ -93,6 +98,18 @@ class ModelRunner:
         """Roll the sequence back to `length` cached tokens (O(1))."""
         self.cache.truncate(slot, length)
 
+    def compact(self, slots: list[int], prefix_len: list[int], path: torch.Tensor) -> None:
+        """Move accepted tree paths into place in every layer's cache (kernels/compaction.py).
+
+        path: [batch, n] block positions of each row's accepted nodes (path[:, 0] = 0, -1 padded);
+        afterwards row b holds them at prefix_len[b] + 0, 1, 2, ... Lengths are the caller's.
+        """
+        dev = self.device
+        slot_t, prefix_t = torch.tensor(slots, device=dev), torch.tensor(prefix_len, device=dev)
+        path = path.to(dev)
+        for keys, values in zip(self.cache.keys, self.cache.values):
+            dispatch.compact_kv(keys, values, slot_t, prefix_t, path, backend=self.cfg.kernels)
+
     # -- forward --------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -117,14 +134,20 @@ class ModelRunner:
         offsets = torch.arange(n).expand(batch, n)
         positions = prefix.unsqueeze(1) + (offsets if depth is None else depth)
         kv_len = int(prefix.max()) + n
-        if block is None and depth is None:
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        if self.paged:
+            block = chain_block(n_valid, n) if block is None else block
+            dev = self.device
+            pg = PagedBlock(slot_t.to(dev), prefix.to(dev), block.to(dev), positions.to(dev), self.cfg.kernels)
+            mask = BlockMask(None, positions, None, paged=pg)
+        elif block is None and depth is None:
             mask = BlockMask.chain(prefix, n, kv_len)
         else:
             block = chain_block(n_valid, n) if block is None else block
             mask = BlockMask.build(prefix, block, positions, kv_len)
         single = (slots[0], self.cache.lengths[slots[0]]) if batch == 1 else None
-        self.cache.layout = StepLayout(torch.tensor(slots, dtype=torch.long), prefix.unsqueeze(1) + offsets,
-                                       kv_len, single)
+        self.cache.layout = StepLayout(slot_t.to(self.device), (prefix.unsqueeze(1) + offsets).to(self.device),
+                                       kv_len, single, self.paged)
         out = self.model(
             input_ids=tokens.to(self.device),
             position_ids=positions.to(self.device),

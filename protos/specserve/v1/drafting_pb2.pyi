@@ -17,7 +17,7 @@ class VerifierMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("sequence_id", "prompt_token_ids", "temperature", "top_k", "top_p", "seed", "k")
+    __slots__ = ("sequence_id", "prompt_token_ids", "temperature", "top_k", "top_p", "seed", "k", "tree_nodes")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Start(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     temperature: float
@@ -32,19 +33,24 @@ class Start(_message.Message):
     top_p: float
     seed: int
     k: int
-    def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    tree_nodes: int
+    def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("sequence_id", "accepted", "next_token", "k")
+    __slots__ = ("sequence_id", "accepted", "next_token", "k", "path", "tree_nodes")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     accepted: int
     next_token: int
     k: int
-    def __init__(self, sequence_id: _Optional[int] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    path: _containers.RepeatedScalarFieldContainer[int]
+    tree_nodes: int
+    def __init__(self, sequence_id: _Optional[int] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., k: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("sequence_id",)
@@ -59,7 +65,7 @@ class DrafterMessage(_message.Message):
     def __init__(self, draft: _Optional[_Union[Draft, _Mapping]] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("sequence_id", "tokens", "q", "weight_version", "unknown_sequence", "draft_seconds", "forward_passes")
+    __slots__ = ("sequence_id", "tokens", "q", "weight_version", "unknown_sequence", "draft_seconds", "forward_passes", "parents")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +73,7 @@ class Draft(_message.Message):
     UNKNOWN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
@@ -74,7 +81,8 @@ class Draft(_message.Message):
     unknown_sequence: bool
     draft_seconds: float
     forward_passes: int
-    def __init__(self, sequence_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., weight_version: _Optional[str] = ..., unknown_sequence: _Optional[bool] = ..., draft_seconds: _Optional[float] = ..., forward_passes: _Optional[int] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., weight_version: _Optional[str] = ..., unknown_sequence: _Optional[bool] = ..., draft_seconds: _Optional[float] = ..., forward_passes: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SparseDistribution(_message.Message):
     __slots__ = ("token_ids", "probs")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import specserve.actors.engine.engine as engine_mod
+import specserve.kernels.verify as verify_mod
 from specserve.actors.engine.draft_length import DraftLengthConfig
 from specserve.actors.engine.drafters import ModelDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
@@ -83,7 +83,7 @@ def _wrong_sample_next(p, q, num_accepted, draft_len, noise):
 
 
 def test_distribution_check_catches_a_wrong_sampler(models, monkeypatch):
-    monkeypatch.setattr(engine_mod, "sample_next", _wrong_sample_next)
+    monkeypatch.setattr(verify_mod, "sample_next", _wrong_sample_next)
     target, drafter = models
     samples, _ = speculative_samples(target, drafter)
     first, second = exact_marginals(target)

@@ -1,0 +1,252 @@
+"""Token-tree drafting: several candidate continuations verified in one target forward.
+
+A chain is wasted from its first rejected token on. A tree spends the same verify positions on
+the alternatives the drafter itself finds likely: where the drafter is unsure between two
+tokens, both get a branch. The tree is shaped per sequence and per step (dynamic, as in
+EAGLE-2 / Sequoia rather than one fixed shape), best first:
+
+  score(node)  product of the drafter's probabilities along the path from the root, an
+               estimate of the chance the verifier walks down to that node;
+  candidates   the children of a node in the order the drafter draws them: its most likely
+               tokens (greedy requests) or tokens drawn without replacement from q (sampled
+               requests; the first one is exactly the chain's sample);
+  growth       level by level, up to depth k: every candidate of the frontier joins a pool,
+               and the best `branching` new ones that can still make the cut are expanded at
+               the next level. The draft is the pool's `nodes` best: deep where the drafter is
+               sure, wide where it is not. A candidate's score is capped by its earlier
+               siblings', so the pick always keeps siblings a prefix of their draw order (which
+               sampled verification needs) and every node's parent.
+
+Each level costs one drafter forward over the nodes being expanded and their ancestors, fed as
+a block under the tree mask on top of the sequence's cached context. After the verdict the
+accepted path's cache entries are compacted into place (kernels/compaction.py), so the next
+step feeds only what it must.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.actors.engine import randomness
+from specserve.actors.engine.drafters import Draft, DraftRequest, ModelDrafter, SeqState
+from specserve.kernels.sampling import sampling_probs, truncate_top_m
+from specserve.kernels.tree import tree_mask
+
+
+@dataclass
+class _Tree:
+    """The candidate pool of one sequence's tree; the draft is its best `budget` nodes."""
+
+    seq_id: int
+    st: SeqState
+    budget: int
+    depth_max: int
+    forwards: int = 0
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # pool index of the parent, -1 = the root
+    scores: list[float] = field(default_factory=list)  # path probability, capped by earlier siblings'
+    depths: list[int] = field(default_factory=list)
+    q_rows: list = field(default_factory=list)  # (ids, probs) each token was drawn from (sampled)
+    fed: list[int] = field(default_factory=list)  # pool nodes in the drafter cache after the context
+
+    def add(self, token: int, parent: int, score: float, q_row) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.scores.append(score)
+        self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        self.q_rows.append(q_row)
+        return len(self.tokens) - 1
+
+    def ancestors(self, nodes: list[int]) -> list[int]:
+        """`nodes` and all their ancestors, in pool order (parents first)."""
+        keep: set[int] = set()
+        for i in nodes:
+            while i >= 0 and i not in keep:
+                keep.add(i)
+                i = self.parents[i]
+        return sorted(keep)
+
+    def cutoff(self) -> float:
+        """The score a node needs to be among the best `budget` so far (0 while there is room)."""
+        if len(self.scores) < self.budget:
+            return 0.0
+        return heapq.nlargest(self.budget, self.scores)[-1]
+
+    def best(self) -> list[int]:
+        """The `budget` best nodes in pool order. Scores never grow down a path or along the
+        siblings' draw order, and ties go to the earlier node, so the pick is closed under
+        parents and earlier siblings: a valid tree whose siblings are a prefix of their draws."""
+        ranked = sorted(range(len(self.tokens)), key=lambda i: (-self.scores[i], i))
+        return sorted(ranked[: self.budget])
+
+    def draft(self, keep: list[int]) -> Draft:
+        index = {node: j for j, node in enumerate(keep)}
+        draft = Draft([self.tokens[i] for i in keep], forwards=self.forwards, requested=self.depth_max,
+                      parents=[index.get(self.parents[i], -1) for i in keep])
+        if keep and self.q_rows[keep[0]] is not None:
+            m = max(self.q_rows[i][0].shape[0] for i in keep)
+            draft.q_ids = torch.zeros(len(keep), m, dtype=torch.long)
+            draft.q_probs = torch.zeros(len(keep), m)
+            for j, i in enumerate(keep):
+                ids, probs = self.q_rows[i]
+                draft.q_ids[j, : ids.shape[0]], draft.q_probs[j, : probs.shape[0]] = ids, probs
+        return draft
+
+
+class TreeDrafter(ModelDrafter):
+    """A model drafter that answers tree requests (`DraftRequest.nodes > 0`) with token trees.
+
+    Chain requests (nodes = 0) are drafted as by ModelDrafter; pipelined drafting is off here,
+    since the drafter would have to guess which branch the verifier takes.
+    """
+
+    name = "tree"
+
+    def __init__(self, runner, confidence_threshold: float = 0.4, top_m: int = 16, branching: int = 3,
+                 min_score: float = 0.0):
+        super().__init__(runner, confidence_threshold, top_m)
+        self.branching = branching  # most children per node
+        self.min_score = min_score  # candidates scored lower are never verified (0: fill the budget)
+        self._fed_nodes: dict[int, dict[int, int]] = {}  # seq -> {draft index: cache offset after the context}
+
+    def has_ahead_work(self) -> bool:
+        return False
+
+    def stop(self, seq_id: int) -> None:
+        self._fed_nodes.pop(seq_id, None)
+        super().stop(seq_id)
+
+    def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
+        chains = [r for r in reqs if r.nodes <= 0 or r.k <= 0]
+        drafts = dict(zip([r.seq_id for r in chains], super().propose(chains) if chains else []))
+        trees = [_Tree(r.seq_id, self.seqs[r.seq_id], r.nodes, r.k) for r in reqs if r.nodes > 0 and r.k > 0]
+        if trees:
+            self._grow(trees)
+        for tree in trees:
+            drafts[tree.seq_id] = self._finish(tree)
+        return [drafts[r.seq_id] for r in reqs]
+
+    def _finish(self, tree: _Tree) -> Draft:
+        """The tree's draft; remembers where its nodes sit in the drafter cache for the verdict."""
+        keep = tree.best()
+        draft = tree.draft(keep)
+        where = {node: pos for pos, node in enumerate(tree.fed)}
+        self._fed_nodes[tree.seq_id] = {j: where[node] for j, node in enumerate(keep) if node in where}
+        st = tree.st
+        st.last_draft, st.awaiting, st.last_k, st.ready = draft.tokens, False, 0, None
+        return draft
+
+    # -- growing the trees -----------------------------------------------------------------------
+
+    def _grow(self, trees: list[_Tree]) -> None:
+        """Level by level: candidates of the frontier join the pool, the best few are expanded
+        next, one batched drafter forward per level; the draft is the pool's best at the end."""
+        root_logits = self._forward([t.st for t in trees], [self._unfed(t.st, t.st.context) for t in trees])
+        for t in trees:
+            t.forwards = 1
+        frontier = [[(-1, root_logits[i])] for i in range(len(trees))]
+        for level in range(max(t.depth_max for t in trees)):
+            new_nodes = [self._expand(t, f) if level < t.depth_max else [] for t, f in zip(trees, frontier)]
+            nxt = [self._next_frontier(t, nodes) if level + 1 < t.depth_max else []
+                   for t, nodes in zip(trees, new_nodes)]
+            growing = [i for i, nodes in enumerate(nxt) if nodes]
+            if not growing:
+                break
+            logits = self._forward_tree([trees[i] for i in growing], [nxt[i] for i in growing])
+            frontier = [[] for _ in trees]
+            for i, rows in zip(growing, logits):
+                frontier[i] = list(zip(nxt[i], rows))
+                trees[i].forwards += 1
+
+    def _next_frontier(self, tree: _Tree, nodes: list[int]) -> list[int]:
+        """The new nodes worth expanding: the best `branching`, if they can still make the draft."""
+        cut = max(tree.cutoff(), self.min_score)
+        best = sorted(nodes, key=lambda i: (-tree.scores[i], i))[: self.branching]
+        return sorted(i for i in best if tree.scores[i] >= cut)
+
+    def _candidates(self, tree: _Tree, parent: int, logits: torch.Tensor):
+        """(token, probability) children of `parent` in draw order, and the q row they came from."""
+        st = tree.st
+        depth = 0 if parent < 0 else tree.depths[parent]
+        if st.params.greedy:
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, ids = torch.topk(probs, self.branching)
+            return list(zip(ids.tolist(), top.tolist())), None
+        p = st.params
+        q = sampling_probs(logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_k]),
+                           torch.tensor([p.top_p], dtype=torch.float64))[0]
+        ids, probs = truncate_top_m(q, self.top_m)
+        # the noise of the chain's draft at this position: its argmax is the chain's token, the
+        # order of probs / noise draws the rest without replacement (Gumbel-top-b)
+        noise = randomness.exp_noise(st.seed, len(st.context) + depth - st.prompt_len, ids.shape[0], randomness.DRAFT)
+        order = torch.argsort(probs / noise, descending=True)[: self.branching]
+        order = order[probs[order] > 0]
+        return [(int(ids[j]), float(probs[j])) for j in order], (ids, probs)
+
+    def _expand(self, tree: _Tree, frontier: list[tuple[int, torch.Tensor]]) -> list[int]:
+        """Add the children of the frontier nodes to the pool; returns the new nodes."""
+        added = []
+        for parent, logits in frontier:
+            cands, q_row = self._candidates(tree, parent, logits)
+            score = 1.0 if parent < 0 else tree.scores[parent]
+            cap = score
+            for token, prob in cands:
+                cap = min(cap, score * prob)  # never above an earlier sibling (see _Tree.best)
+                if cap < self.min_score:
+                    break
+                added.append(tree.add(token, parent, cap, q_row))
+        return added
+
+    def _forward_tree(self, trees: list[_Tree], expand: list[list[int]]) -> list[torch.Tensor]:
+        """Feed each tree's nodes to expand (with their ancestors) on top of its cached context.
+
+        Returns, per tree, the drafter's logits at each node of `expand`.  # [len(expand_i), vocab]
+        """
+        feeds = [t.ancestors(nodes) for t, nodes in zip(trees, expand)]
+        n = max(len(f) for f in feeds)
+        tokens = torch.zeros(len(trees), n, dtype=torch.long)
+        parents = torch.full((len(trees), n), -1, dtype=torch.long)
+        depth = torch.zeros(len(trees), n, dtype=torch.long)
+        for b, (t, feed) in enumerate(zip(trees, feeds)):
+            where = {node: j for j, node in enumerate(feed)}
+            tokens[b, : len(feed)] = torch.tensor([t.tokens[i] for i in feed])
+            parents[b, : len(feed)] = torch.tensor([where.get(t.parents[i], -1) for i in feed])
+            depth[b, : len(feed)] = torch.tensor([t.depths[i] - 1 for i in feed])
+            st = t.st
+            st.fed = len(st.context)  # drop the previous level's nodes: they are fed again below
+            self.runner.truncate(st.slot, st.fed)
+        # a node at depth d sits at position len(context) + d - 1 and sees the context (cached)
+        # and its ancestors; top-level nodes have parent -1 and see, in the block, only themselves
+        mask = tree_mask(parents)
+        logits = self.runner.forward([t.st.slot for t in trees], tokens, [len(f) for f in feeds], mask, depth)
+        out = []
+        for b, (t, feed, nodes) in enumerate(zip(trees, feeds, expand)):
+            t.fed = feed
+            rows = torch.tensor([feed.index(i) for i in nodes])
+            out.append(logits[b, rows])
+        return out
+
+    # -- the verdict -----------------------------------------------------------------------------
+
+    def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
+        where = self._fed_nodes.pop(seq_id, None)
+        st = self.seqs[seq_id]
+        if where is None:  # a chain: ModelDrafter's bookkeeping
+            return super().verdict(seq_id, accepted, next_token, path)
+        base = len(st.context)
+        kept = list(path if path is not None else range(accepted))
+        in_cache = []
+        for node in kept:  # fed nodes are ancestor-closed, so the cached part of the path is a prefix
+            if node not in where:
+                break
+            in_cache.append(where[node])
+        super(ModelDrafter, self).verdict(seq_id, accepted, next_token, path)
+        if in_cache and in_cache != list(range(len(in_cache))):
+            # root = the context's last token at base - 1; the path's cached nodes follow it
+            block_path = torch.tensor([[0] + [j + 1 for j in in_cache]])
+            self.runner.compact([st.slot], [base - 1], block_path)
+        st.fed = base + len(in_cache)
+        self.runner.truncate(st.slot, min(st.fed, self.runner.length(st.slot)))

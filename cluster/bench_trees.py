@@ -1,0 +1,125 @@
+"""`specserve bench --trees`: token trees against chains at the same verify budget (demo pair).
+
+For each budget B (draft positions the target verifies per step), on the same prompts,
+interleaved prompt by prompt:
+  chain-B   the model drafter drafts exactly B tokens in a chain (no confidence stop)
+  tree-B    the tree drafter fills a tree of exactly B tokens (depth <= B, best first)
+plus plain decoding (the speedup baseline) and the default adaptive chain. Both fixed modes
+verify the same number of positions per step, so accepted tokens per verifier step compare
+their drafts alone; tokens/s adds what drafting a tree costs (one drafter forward per level
+over more nodes). Every mode's output must equal plain decoding (greedy).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.actors.demo import demo_path
+from specserve.actors.engine.build import EngineSpec, build_engine
+from specserve.actors.engine.draft_length import DraftLengthConfig
+from specserve.actors.engine.drafters import ModelDrafter
+from specserve.actors.engine.engine import SpeculativeEngine
+from specserve.actors.engine.request import make_params
+from specserve.actors.engine.tree_drafting import TreeDrafter
+from specserve.cluster.bench_local import code_prompts, text_table, write_report
+
+
+@dataclass
+class Totals:
+    tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    outputs: list = field(default_factory=list)
+
+
+def _engines(budgets: list[int], branching: int) -> dict[str, SpeculativeEngine]:
+    plain = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=2))
+    adaptive = build_engine(EngineSpec(demo_path("target"), "model", demo_path("drafter"), max_num_seqs=2))
+    engines = {"plain": plain, "chain-adaptive": adaptive}
+    drafter_runner = adaptive.drafter.runner
+    for b in budgets:
+        chain = ModelDrafter(_fresh_runner(drafter_runner), confidence_threshold=0.0)
+        engines[f"chain-{b}"] = SpeculativeEngine(_fresh_runner(plain.target), plain.tokenizer, chain,
+                                                  DraftLengthConfig(k_max=b, fixed_k=b))
+        tree = TreeDrafter(_fresh_runner(drafter_runner), branching=branching)
+        engines[f"tree-{b}"] = SpeculativeEngine(_fresh_runner(plain.target), plain.tokenizer, tree,
+                                                 DraftLengthConfig(k_max=b, fixed_k=b, tree_nodes=b))
+    return engines
+
+
+def _fresh_runner(runner):
+    """Another runner over the same weights (its own KV cache)."""
+    return type(runner)(runner.model, runner.cfg)
+
+
+def _run(engine: SpeculativeEngine, prompt: list[int], params, totals: Totals) -> None:
+    start = time.perf_counter()
+    [res] = engine.generate([prompt], params)
+    totals.seconds += time.perf_counter() - start
+    totals.tokens += len(res.token_ids)
+    totals.drafted += res.stats.drafted
+    totals.accepted += res.stats.accepted
+    totals.steps += res.stats.steps
+    totals.outputs.append(res.token_ids)
+
+
+def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 96, branching: int = 4,
+                   seed: int = 0, progress=print) -> dict:
+    """Every mode over the same prompts; returns rows, tree/chain ratios and the settings."""
+    engines = _engines(budgets, branching)
+    prompts = code_prompts(engines["plain"].tokenizer, num_prompts, seed=seed)
+    params = make_params(max_tokens=max_tokens)
+    for eng in engines.values():  # warm-up
+        eng.generate([prompts[0][:16]], make_params(max_tokens=8))
+    totals = {m: Totals() for m in engines}
+    for i, prompt in enumerate(prompts):
+        for mode, eng in engines.items():
+            _run(eng, prompt, params, totals[mode])
+        progress(f"prompt {i + 1}/{len(prompts)} done")
+    rows = _rows(totals)
+    by_mode = {r["mode"]: r for r in rows}
+    ratios = [{"budget": b,
+               "accepted_per_step_ratio": round(by_mode[f"tree-{b}"]["accepted_per_step"]
+                                                / max(by_mode[f"chain-{b}"]["accepted_per_step"], 1e-9), 3),
+               "tokens_per_s_ratio": round(by_mode[f"tree-{b}"]["tokens_per_s"]
+                                           / by_mode[f"chain-{b}"]["tokens_per_s"], 3)} for b in budgets]
+    return {"settings": {"prompts": len(prompts), "max_tokens": max_tokens, "budgets": budgets,
+                         "branching": branching, "threads": torch.get_num_threads()},
+            "rows": rows, "tree_vs_chain": ratios}
+
+
+def _rows(totals: dict[str, Totals]) -> list[dict]:
+    plain = totals["plain"]
+    plain_tps = plain.tokens / plain.seconds
+    rows = []
+    for mode, t in totals.items():
+        tps = t.tokens / t.seconds
+        rows.append({"mode": mode, "tokens_per_s": round(tps, 2), "speedup": round(tps / plain_tps, 3),
+                     "verified_per_step": round(t.drafted / t.steps, 3),
+                     "accepted_per_step": round(t.accepted / t.steps, 3),
+                     "tokens_per_step": round((t.accepted + t.steps) / t.steps, 3),
+                     "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / len(plain.outputs)})
+    return rows
+
+
+def format_tables(report: dict) -> str:
+    cols = ["mode", "tokens_per_s", "speedup", "verified_per_step", "accepted_per_step", "tokens_per_step",
+            "matches_plain"]
+    head = ["mode", "tok/s", "speedup", "drafts/step", "accepted/step", "tokens/step", "=plain"]
+    ratio_cols = ["budget", "accepted_per_step_ratio", "tokens_per_s_ratio"]
+    ratio_head = ["budget", "tree/chain accepted", "tree/chain tok/s"]
+    return (text_table(report["rows"], cols, head, 14) + "\n\n"
+            + text_table(report["tree_vs_chain"], ratio_cols, ratio_head, 20))
+
+
+def bench_trees_main(args) -> int:
+    """CLI entry: run, print the tables, write JSON."""
+    budgets = [int(b) for b in args.budgets.split(",")]
+    report = run_tree_bench(budgets, args.prompts, args.max_tokens, args.branching, args.seed)
+    write_report(report, format_tables(report), args.out)
+    return 0
