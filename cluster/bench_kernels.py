@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from specserve.cluster.bench_local import text_table, write_report
+from specserve.cluster.reporting import text_table, write_report
 
 
 def _time_ms(fn, iters: int) -> float:

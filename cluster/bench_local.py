@@ -14,11 +14,9 @@ cost ratio c (one draft step / one plain target step).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -27,6 +25,7 @@ from specserve.actors.demo.corpus import is_held_out, iter_python_files, stdlib_
 from specserve.actors.engine.build import EngineSpec, build_engine
 from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
+from specserve.cluster.reporting import text_table, write_report
 
 ENGINE_MODES = ("plain", "model", "ngram")
 HF_MODES = ("hf-greedy", "hf-assisted")
@@ -172,29 +171,6 @@ def format_table(report: dict) -> str:
             "cost_ratio_c", "analytic_bound", "efficiency", "matches_plain"]
     head = ["mode", "tok/s", "speedup", "accept", "mean_acc_len", "k", "c", "bound", "efficiency", "=plain"]
     return text_table(report["rows"], cols, head, 12)
-
-
-def text_table(rows: list[dict], cols: list[str], head: list[str], width: int) -> str:
-    """Fixed-width columns; missing values print as '-'."""
-    lines = ["  ".join(f"{h:>{width}}" for h in head)]
-    for r in rows:
-        lines.append("  ".join(f"{_fmt(r.get(c)):>{width}}" for c in cols))
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def write_report(report: dict, table: str, out: str) -> None:
-    """Print the table and write the report as JSON."""
-    print(table)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
 
 
 def bench_main(args) -> int:

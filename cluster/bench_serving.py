@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from specserve.cluster.bench_local import text_table, write_report
+from specserve.cluster.reporting import text_table, write_report
 from specserve.cluster.client import Client, Reply
 
 VARIANTS = {

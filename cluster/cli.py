@@ -36,7 +36,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from specserve.cluster.bench_local import bench_main
+    if args.kernels:  # GPU only, and imports nothing but torch and the kernels
+        from specserve.cluster.bench_kernels import bench_kernels_main
+
+        args.out = args.out or "runs/bench_kernels.json"
+        return bench_kernels_main(args)
     from specserve.cluster.local import set_threads
 
     if args.serving:
@@ -50,11 +54,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         args.out = args.out or "runs/bench_trees.json"
         return bench_trees_main(args)
-    if args.kernels:
-        from specserve.cluster.bench_kernels import bench_kernels_main
+    from specserve.cluster.bench_local import bench_main
 
-        args.out = args.out or "runs/bench_kernels.json"
-        return bench_kernels_main(args)
     args.out = args.out or "runs/bench_local.json"
     return bench_main(args)
 
@@ -104,6 +105,7 @@ def _add_bench(sub) -> None:
                    help="token trees vs chains at the same verify budget (in-process, demo pair)")
     p.add_argument("--budgets", default="4,8,16", help="--trees: draft positions verified per step")
     p.add_argument("--branching", type=int, default=4, help="--trees: most children per tree node")
+    p.add_argument("--temperature", type=float, default=0.0, help="--trees: 0 = greedy, > 0 = sampled requests")
     p.add_argument("--kernels", action="store_true",
                    help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
     p.set_defaults(func=_bench)

@@ -130,9 +130,10 @@ def verify_tree(
     time, one sibling at a time.
     """
     batch, n = tokens.shape
-    path = torch.full((batch, n), -1, dtype=torch.long)
-    num_accepted = torch.zeros(batch, dtype=torch.long)
-    next_token = torch.zeros(batch, dtype=torch.long)
+    dev = tokens.device
+    path = torch.full((batch, n), -1, dtype=torch.long, device=dev)
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=dev)
+    next_token = torch.zeros(batch, dtype=torch.long, device=dev)
     for b in range(batch):
         kids = children_of(parents[b])
         if bool(greedy[b]):
@@ -140,6 +141,6 @@ def verify_tree(
             nxt = int(target_argmax[b, row_path[-1]])
         else:
             row_path, nxt = _walk_sampled(tokens[b], p[b], q_ids[b], q_probs[b], uniforms[b], noise[b], kids)
-        path[b, : len(row_path)] = torch.tensor(row_path)
+        path[b, : len(row_path)] = torch.tensor(row_path, device=dev)
         num_accepted[b], next_token[b] = len(row_path) - 1, nxt
     return path, num_accepted, next_token

@@ -14,9 +14,11 @@ How the kernels stay exact:
   - the sparse q is never made dense: a vocab chunk is compared against the m ids of a row and
     the matching probabilities are summed, as the reference's scatter_add sums duplicate ids.
 
-The one difference is the order of float32 sums over the vocabulary (the tree's masses R and Q):
-they can differ from torch's by rounding, which moves an accept test or an argmax only when it is
-decided within an ulp.
+What is not mirrored, each deciding a token only within an ulp or on a measure-zero input:
+  - the order of float32 sums (the tree's masses R and Q, and an id listed three or more times):
+    the rounding can differ from torch's;
+  - NaN (only from 0 / 0 noise, or R / Q overflowing): torch.argmax picks it, the kernels skip it.
+`verify_tree_triton` returns its outputs on the inputs' device; the reference builds them on the CPU.
 """
 
 from __future__ import annotations
@@ -209,6 +211,18 @@ def _apply_residual(work_row, ids, probs, scale):
 
 
 @triton.jit
+def _take_out(work_row, mass, ids, probs, q_mass, V, BLOCK_V: tl.constexpr):
+    """After a rejection, r <- max(r - q_j * R / Q, 0) unless that leaves no mass; returns R."""
+    if q_mass > 0:
+        scale = tl.math.div_rn(mass, q_mass)
+        new_mass = _residual_mass(work_row, ids, probs, scale, V, BLOCK_V)
+        if new_mass > 0:  # vanishes only where r and q_j agree to rounding: keep r
+            _apply_residual(work_row, ids, probs, scale)
+            mass = new_mass
+    return mass
+
+
+@triton.jit
 def _try_siblings(work_row, mass, cur, tokens_row, parents_row, q_ids_row, q_probs_row, u_row, N, M, V,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """Recursive rejection over the children of `cur`: the accepted position, or -1.
@@ -227,20 +241,15 @@ def _try_siblings(work_row, mass, cur, tokens_row, parents_row, q_ids_row, q_pro
             probs = tl.load(q_probs_row + i * M + js, mask=js < M, other=0.0)
             # q_j: the node's q with the earlier siblings' tokens removed
             gone = tl.max((ids[:, None] == excluded[None, :]).to(tl.int32), axis=1) > 0
-            ids = tl.where(gone, -1, ids)
+            ids = tl.where(gone, -1, ids)  # zero probabilities suffice; this also spares no-op stores
             probs = tl.where(gone, 0.0, probs)
             rem_x = tl.sum(tl.where(ids == x, probs, 0.0), axis=0)
             q_mass = tl.sum(probs, axis=0)
             u = tl.load(u_row + i)
-            if (rem_x >= 0) & (u * rem_x * mass <= tl.load(work_row + x) * q_mass):
+            if (rem_x > 0) & (u * rem_x * mass <= tl.load(work_row + x) * q_mass):
                 accepted = i
             else:
-                if q_mass > 0:
-                    scale = tl.math.div_rn(mass, q_mass)
-                    new_mass = _residual_mass(work_row, ids, probs, scale, V, BLOCK_V)
-                    if new_mass > 0:  # vanishes only where r and q_j agree to rounding: keep r
-                        _apply_residual(work_row, ids, probs, scale)
-                        mass = new_mass
+                mass = _take_out(work_row, mass, ids, probs, q_mass, V, BLOCK_V)
                 excluded = tl.where(slots == n_excluded, x, excluded)
                 n_excluded += 1
     return accepted

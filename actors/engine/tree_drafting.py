@@ -5,8 +5,10 @@ the alternatives the drafter itself finds likely: where the drafter is unsure be
 tokens, both get a branch. The tree is shaped per sequence and per step (dynamic, as in
 EAGLE-2 / Sequoia rather than one fixed shape), best first:
 
-  score(node)  product of the drafter's probabilities along the path from the root, an
-               estimate of the chance the verifier walks down to that node;
+  score(node)  the estimated chance the verifier walks down to the node: along the path from
+               the root, each token's accept rate (the drafter's probability calibrated against
+               the verdicts seen so far) times the chance that its earlier siblings were all
+               rejected;
   candidates   the children of a node in the order the drafter draws them: its most likely
                tokens (greedy requests) or tokens drawn without replacement from q (sampled
                requests; the first one is exactly the chain's sample);
@@ -25,6 +27,8 @@ step feeds only what it must.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import heapq
 from dataclasses import dataclass, field
 
@@ -47,13 +51,15 @@ class _Tree:
     forwards: int = 0
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)  # pool index of the parent, -1 = the root
-    scores: list[float] = field(default_factory=list)  # path probability, capped by earlier siblings'
+    scores: list[float] = field(default_factory=list)  # estimated reach probability, capped by earlier siblings'
+    probs: list[float] = field(default_factory=list)  # the drafter's probability of each token
     depths: list[int] = field(default_factory=list)
     q_rows: list = field(default_factory=list)  # (ids, probs) each token was drawn from (sampled)
     fed: list[int] = field(default_factory=list)  # pool nodes in the drafter cache after the context
 
-    def add(self, token: int, parent: int, score: float, q_row) -> int:
+    def add(self, token: int, parent: int, score: float, prob: float, q_row) -> int:
         self.tokens.append(token)
+        self.probs.append(prob)
         self.parents.append(parent)
         self.scores.append(score)
         self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
@@ -96,6 +102,51 @@ class _Tree:
         return draft
 
 
+class Calibration:
+    """P(the verifier accepts a candidate | its depth, its rank among its siblings, its drafter
+    probability), learned online.
+
+    A small drafter's probabilities are rarely its acceptance rates: the demo drafter's argmax
+    is accepted far more often than it believes (even at 5 %), a second candidate of the same
+    probability far less, and a token deep in a path the verifier already accepted is more
+    likely right than the first. Scoring with raw probabilities then buys width where depth
+    would pay. Each verdict tells which candidates were tested and which one was taken, so the
+    rate is counted per (rank), (rank, probability bin) and (rank, bin, depth); each finer
+    estimate is shrunk toward the coarser one with `strength` pseudo-trials, so a cell the trees
+    have rarely tested borrows from its neighbours instead of keeping a pessimistic prior (which
+    would keep it untested for good).
+    """
+
+    EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # probability bins: finer where drafters are unsure
+    PRIOR = (0.6, 0.25, 0.1)  # accept rate of the first / second / later candidate before any verdict
+
+    def __init__(self, depths: int = 4, ranks: int = 3, strength: float = 8.0, cap: float = 5000.0):
+        self.depths, self.ranks, self.strength, self.cap = depths, ranks, strength, cap
+        self.hits: dict[tuple, float] = collections.defaultdict(float)
+        self.trials: dict[tuple, float] = collections.defaultdict(float)
+
+    def _keys(self, depth: int, rank: int, prob: float) -> list[tuple]:
+        r, b, d = min(rank, self.ranks - 1), bisect.bisect_right(self.EDGES, prob), min(depth, self.depths)
+        return [(r,), (r, b), (r, b, d)]
+
+    def rate(self, depth: int, rank: int, prob: float) -> float:
+        """Estimated accept rate of the `rank`-th candidate (0 = first drawn) of probability
+        `prob` at `depth` (1 = a child of the root), given that it is tested."""
+        keys = self._keys(depth, rank, prob)
+        estimate = self.PRIOR[keys[0][0]]
+        for key in keys:
+            estimate = (self.hits[key] + self.strength * estimate) / (self.trials[key] + self.strength)
+        return estimate
+
+    def observe(self, depth: int, rank: int, prob: float, accepted: bool) -> None:
+        for key in self._keys(depth, rank, prob):
+            if self.trials[key] >= self.cap:
+                self.hits[key] *= 0.5
+                self.trials[key] *= 0.5
+            self.hits[key] += accepted
+            self.trials[key] += 1
+
+
 class TreeDrafter(ModelDrafter):
     """A model drafter that answers tree requests (`DraftRequest.nodes > 0`) with token trees.
 
@@ -111,12 +162,16 @@ class TreeDrafter(ModelDrafter):
         self.branching = branching  # most children per node
         self.min_score = min_score  # candidates scored lower are never verified (0: fill the budget)
         self._fed_nodes: dict[int, dict[int, int]] = {}  # seq -> {draft index: cache offset after the context}
+        self._last_tree: dict[int, tuple[list[int], list[float]]] = {}  # seq -> (parents, drafter probs)
+        # greedy and sampled verification accept differently: one calibration each
+        self.calibration = {True: Calibration(), False: Calibration()}  # by params.greedy
 
     def has_ahead_work(self) -> bool:
         return False
 
     def stop(self, seq_id: int) -> None:
         self._fed_nodes.pop(seq_id, None)
+        self._last_tree.pop(seq_id, None)
         super().stop(seq_id)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
@@ -135,6 +190,7 @@ class TreeDrafter(ModelDrafter):
         draft = tree.draft(keep)
         where = {node: pos for pos, node in enumerate(tree.fed)}
         self._fed_nodes[tree.seq_id] = {j: where[node] for j, node in enumerate(keep) if node in where}
+        self._last_tree[tree.seq_id] = (draft.parents, [tree.probs[i] for i in keep])
         st = tree.st
         st.last_draft, st.awaiting, st.last_k, st.ready = draft.tokens, False, 0, None
         return draft
@@ -189,15 +245,24 @@ class TreeDrafter(ModelDrafter):
     def _expand(self, tree: _Tree, frontier: list[tuple[int, torch.Tensor]]) -> list[int]:
         """Add the children of the frontier nodes to the pool; returns the new nodes."""
         added = []
+        # a seeded sampled request's tree must not depend on other traffic (its tokens depend on
+        # the tree), so it scores with the drafter's own probabilities
+        p = tree.st.params
+        calibrated = p.greedy or p.seed is None
         for parent, logits in frontier:
             cands, q_row = self._candidates(tree, parent, logits)
             score = 1.0 if parent < 0 else tree.scores[parent]
-            cap = score
-            for token, prob in cands:
-                cap = min(cap, score * prob)  # never above an earlier sibling (see _Tree.best)
-                if cap < self.min_score:
+            cap, miss = score, 1.0
+            for rank, (token, prob) in enumerate(cands):
+                # the verifier reaches this candidate when its parent was reached and every
+                # earlier sibling rejected; it then takes it with the calibrated rate
+                depth = 1 if parent < 0 else tree.depths[parent] + 1
+                rate = self.calibration[p.greedy].rate(depth, rank, prob) if calibrated else prob / miss
+                cap = min(cap, score * miss * rate)  # never above an earlier sibling (see _Tree.best)
+                miss *= max(0.0, 1.0 - rate)
+                if cap < self.min_score or cap <= 0.0:
                     break
-                added.append(tree.add(token, parent, cap, q_row))
+                added.append(tree.add(token, parent, cap, prob, q_row))
         return added
 
     def _forward_tree(self, trees: list[_Tree], expand: list[list[int]]) -> list[torch.Tensor]:
@@ -244,9 +309,23 @@ class TreeDrafter(ModelDrafter):
                 break
             in_cache.append(where[node])
         super(ModelDrafter, self).verdict(seq_id, accepted, next_token, path)
+        self._calibrate(seq_id, kept)
         if in_cache and in_cache != list(range(len(in_cache))):
             # root = the context's last token at base - 1; the path's cached nodes follow it
             block_path = torch.tensor([[0] + [j + 1 for j in in_cache]])
             self.runner.compact([st.slot], [base - 1], block_path)
         st.fed = base + len(in_cache)
         self.runner.truncate(st.slot, min(st.fed, self.runner.length(st.slot)))
+
+    def _calibrate(self, seq_id: int, path: list[int]) -> None:
+        """Count the candidates the verdict tested: along the path, the children of each node
+        up to the one taken; after the path, all children of its last node (all rejected)."""
+        parents, probs = self._last_tree.pop(seq_id, ([], []))
+        calibration = self.calibration[self.seqs[seq_id].params.greedy]
+        cur = -1
+        for depth, taken in enumerate(path + [None], start=1):
+            for rank, child in enumerate(i for i, par in enumerate(parents) if par == cur):
+                calibration.observe(depth, rank, probs[child], child == taken)
+                if child == taken:
+                    break
+            cur = taken

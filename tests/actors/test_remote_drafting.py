@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from specserve.actors.engine.draft_length import DraftLengthConfig
 from specserve.actors.engine.drafters import ModelDrafter
+from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.actors.engine.request import make_params
 from specserve.actors.remote_drafter import RemoteDrafterPool
 
@@ -79,6 +81,48 @@ def test_seeded_sampling_over_the_wire_equals_the_in_process_drafter(models):
         results = engine.generate(PROMPTS, params)
         assert [r.token_ids for r in results] == want
         assert sum(r.stats.accepted for r in results) > 0
+
+
+def tree_engine(target_model, drafter, pool_or_none=None):
+    """An engine asking for trees of 6 tokens, depth 3; drafting in-process or through a pool."""
+    engine = always_drafting_engine(runner(target_model), pool_or_none or drafter, 3)
+    engine.policy = DraftLengthConfig(k_max=3, alpha_ema=0.0, tree_nodes=6)
+    return engine
+
+
+def tree_server(model) -> DraftServerThread:
+    return DraftServerThread(TreeDrafter(runner(model, max_num_seqs=8), branching=3))
+
+
+@pytest.mark.parametrize("params", [make_params(max_tokens=NEW_TOKENS),
+                                    make_params(max_tokens=NEW_TOKENS, temperature=1.0, top_k=20, seed=99)],
+                         ids=["greedy", "seeded-sampling"])
+def test_token_trees_over_the_wire_equal_tree_drafting_in_process(models, params):
+    """Tokens, parents and q of a tree cross the wire exactly (greedy: also equal to transformers)."""
+    target, drafter, want = models
+    local = tree_engine(target, TreeDrafter(runner(drafter), branching=3))
+    expected = [r.token_ids for r in local.generate(PROMPTS, params)]
+    if params.greedy:
+        assert expected == want
+    server = tree_server(drafter)
+    with over_the_wire(target, server, k_max=3) as (engine, pool):
+        engine.policy = DraftLengthConfig(k_max=3, alpha_ema=0.0, tree_nodes=6)
+        drafts = record_drafts(pool)
+        results = engine.generate(PROMPTS, params)
+        assert [r.token_ids for r in results] == expected
+        assert any(d.parents is not None and d.parents.count(-1) > 1 for d in drafts)
+
+
+def record_drafts(pool) -> list:
+    drafts, propose = [], pool.propose
+
+    def recording(reqs):
+        out = propose(reqs)
+        drafts.extend(out)
+        return out
+
+    pool.propose = recording
+    return drafts
 
 
 def test_a_drafter_killed_mid_generation_changes_nothing_and_sequences_move_to_another(models):

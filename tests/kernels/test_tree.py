@@ -117,22 +117,23 @@ def test_sampled_tree_verification_emits_tokens_distributed_as_the_target():
     assert tv < tv_bound(VOCAB, len(two))
 
 
-def test_sampled_tree_verification_without_the_residual_update_is_caught(monkeypatch):
-    """A sampler that forgets to take rejected siblings' mass out of r is biased; the test sees it."""
-    def no_residual(tokens, p, q_ids, q_probs, uniforms, noise, kids):
-        path, cur = [0], 0
-        while True:
-            r = p[cur]
-            for i in kids[cur]:
-                x = int(tokens[i])
-                q = torch.zeros_like(r).scatter_add_(0, q_ids[i], q_probs[i])
-                if uniforms[i] * q[x] <= r[x]:
-                    break
-            else:
-                return path, int(torch.argmax(r / noise))
-            path.append(i)
-            cur = i
+def walk_without_residual(tokens, p, q_ids, q_probs, uniforms, noise, kids):
+    """A biased tree sampler: rejected siblings' mass is never taken out of r."""
+    path, cur = [0], 0
+    while True:
+        r = p[cur]
+        for i in kids[cur]:
+            x = int(tokens[i])
+            q = torch.zeros_like(r).scatter_add_(0, q_ids[i], q_probs[i])
+            if uniforms[i] * q[x] <= r[x]:
+                break
+        else:
+            return path, int(torch.argmax(r / noise))
+        path.append(i)
+        cur = i
 
-    monkeypatch.setattr(tree_module, "_walk_sampled", no_residual)
+
+def test_sampled_tree_verification_without_the_residual_update_is_caught(monkeypatch):
+    monkeypatch.setattr(tree_module, "_walk_sampled", walk_without_residual)
     (first, law_first), _ = sampled_pairs(verify_tree)
     assert total_variation(first, law_first) > tv_bound(VOCAB, SAMPLES)

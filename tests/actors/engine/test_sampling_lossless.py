@@ -15,13 +15,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import specserve.kernels.tree as tree_mod
 import specserve.kernels.verify as verify_mod
 from specserve.actors.engine.draft_length import DraftLengthConfig
 from specserve.actors.engine.drafters import ModelDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.request import make_params
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.kernels.sampling import sample_from
+
+from ...kernels.test_tree import walk_without_residual
 
 VOCAB, N, PROMPT = 8, 4000, [1, 5, 2]
 PARAMS = dict(temperature=1.0, max_tokens=3)
@@ -53,12 +57,20 @@ def exact_marginals(target) -> tuple[torch.Tensor, torch.Tensor]:
     return first, second
 
 
-def speculative_samples(target, drafter) -> tuple[torch.Tensor, int]:
-    """First two tokens of N seeded speculative requests, and the number of drafted tokens."""
+def speculative_samples(target, drafter, tree: bool = False) -> tuple[torch.Tensor, int]:
+    """First two tokens of N seeded speculative requests, and the number of drafted tokens.
+
+    tree: token trees of 5 nodes, depth 3, up to 3 siblings drawn without replacement.
+    """
     rc = RunnerConfig(max_num_seqs=256, max_seq_len=32, dtype=torch.float64)
     t = copy.deepcopy(target)
-    d = ModelDrafter(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0)
-    eng = SpeculativeEngine(ModelRunner(t, rc), None, d, DraftLengthConfig(k_max=3, fixed_k=3))
+    if tree:
+        d = TreeDrafter(ModelRunner(copy.deepcopy(drafter), rc), branching=3)
+        policy = DraftLengthConfig(k_max=3, fixed_k=3, tree_nodes=5)
+    else:
+        d = ModelDrafter(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0)
+        policy = DraftLengthConfig(k_max=3, fixed_k=3)
+    eng = SpeculativeEngine(ModelRunner(t, rc), None, d, policy)
     results = eng.generate([PROMPT] * N, [make_params(seed=i, **PARAMS) for i in range(N)])
     return torch.tensor([r.token_ids for r in results]), sum(r.stats.drafted for r in results)
 
@@ -68,9 +80,10 @@ def tv(samples: torch.Tensor, exact: torch.Tensor) -> float:
     return 0.5 * float((emp - exact).abs().sum())
 
 
-def test_speculative_sampling_matches_target_distribution(models):
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_speculative_sampling_matches_target_distribution(models, tree):
     target, drafter = models
-    samples, drafted = speculative_samples(target, drafter)
+    samples, drafted = speculative_samples(target, drafter, tree)
     first, second = exact_marginals(target)
     assert drafted >= 2 * N  # drafts were really proposed and verified
     assert tv(samples[:, 0], first) < tv_bound(VOCAB, N)
@@ -86,6 +99,15 @@ def test_distribution_check_catches_a_wrong_sampler(models, monkeypatch):
     monkeypatch.setattr(verify_mod, "sample_next", _wrong_sample_next)
     target, drafter = models
     samples, _ = speculative_samples(target, drafter)
+    first, second = exact_marginals(target)
+    worst = max(tv(samples[:, 0], first), tv(samples[:, 1], second))
+    assert worst > tv_bound(VOCAB, N)
+
+
+def test_distribution_check_catches_a_wrong_tree_sampler(models, monkeypatch):
+    monkeypatch.setattr(tree_mod, "_walk_sampled", walk_without_residual)
+    target, drafter = models
+    samples, _ = speculative_samples(target, drafter, tree=True)
     first, second = exact_marginals(target)
     worst = max(tv(samples[:, 0], first), tv(samples[:, 1], second))
     assert worst > tv_bound(VOCAB, N)
