@@ -82,6 +82,13 @@ class BlockMask:
             return BlockMask(None, positions, k_pos)
         return BlockMask(allowed.unsqueeze(1), positions, k_pos)
 
+    def to(self, device: torch.device) -> "BlockMask":
+        """The same mask with its tensors on `device` (where the attention runs)."""
+        if self.q_pos.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return BlockMask(move(self.allowed), move(self.q_pos), move(self.k_pos), {}, self.paged)
+
     def for_window(self, window: int | None) -> torch.Tensor | None:
         """The mask restricted to keys within a sliding window of the query (as transformers)."""
         if window is None:

@@ -315,7 +315,8 @@ class ModelDrafter(BaseDrafter):
         for s, nv in zip(states, n_valid):
             s.fed += nv
         last = torch.zeros(len(feeds), dtype=torch.long) if same else torch.tensor(n_valid) - 1
-        return logits[torch.arange(len(feeds)), last]
+        # choosing tokens is per-row host work: bring the rows to the CPU once
+        return logits[torch.arange(len(feeds), device=logits.device), last.to(logits.device)].float().cpu()
 
     def _pick(self, st: SeqState, logits: torch.Tensor, draft: Draft, length: int) -> bool:
         """Append the next draft token to `draft` unless the confidence stop says no.

@@ -200,19 +200,22 @@ class SpeculativeEngine:
 
     def _verify(self, seqs: list[Sequence], drafts: list[Draft], block: "VerifyBlock", logits: torch.Tensor):
         """(path [batch, n] or None for chains, num_accepted [batch], next_token [batch])."""
+        dev = logits.device
         target_argmax = logits.argmax(dim=-1)  # [batch, n]
-        greedy = torch.tensor([s.params.greedy for s in seqs])
-        draft_len = torch.tensor([len(d.tokens) for d in drafts])
+        tokens = block.tokens.to(dev)
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        draft_len = torch.tensor([len(d.tokens) for d in drafts], device=dev)
         if bool(greedy.all()) and block.parents is None:
-            return (None, *verify_greedy(target_argmax, block.tokens[:, 1:], draft_len))
+            return (None, *verify_greedy(target_argmax, tokens[:, 1:], draft_len))
         p, q_ids, q_probs, uniforms, noise = self._sampling_inputs(seqs, drafts, block, logits, greedy)
         if block.parents is None:
-            num_acc, next_tok = dispatch.verify_chain(block.tokens[:, 1:], draft_len, target_argmax, p, q_ids[:, 1:],
+            num_acc, next_tok = dispatch.verify_chain(tokens[:, 1:], draft_len, target_argmax, p, q_ids[:, 1:],
                                                       q_probs[:, 1:], greedy, uniforms[:, 1:], noise,
                                                       backend=self.kernels)
             return None, num_acc, next_tok
-        return dispatch.verify_tree(block.tokens, block.parents, target_argmax, p, q_ids, q_probs, greedy, uniforms,
-                                    noise, backend=self.kernels)
+        path, num_acc, next_tok = dispatch.verify_tree(tokens, block.parents.to(dev), target_argmax, p, q_ids, q_probs,
+                                                       greedy, uniforms, noise, backend=self.kernels)
+        return path.cpu(), num_acc, next_tok
 
     def _sampling_inputs(self, seqs, drafts, block, logits, greedy):
         """p, sparse q, uniforms and noise per block position (zeros in greedy rows)."""
@@ -248,7 +251,7 @@ class SpeculativeEngine:
     def _compact(self, seqs: list[Sequence], lengths: list[int], path: torch.Tensor, num_acc: torch.Tensor) -> None:
         """Move each row's accepted tree path into place in the target cache (chains need nothing)."""
         n = path.shape[1]
-        in_place = torch.arange(n).unsqueeze(0) <= num_acc.unsqueeze(1)  # [batch, n]
+        in_place = torch.arange(n).unsqueeze(0) <= num_acc.cpu().unsqueeze(1)  # [batch, n]
         moved = ((path != torch.arange(n)) & in_place).any(dim=1)
         rows = moved.nonzero().flatten().tolist()
         if rows:

@@ -145,6 +145,7 @@ class ModelRunner:
         else:
             block = chain_block(n_valid, n) if block is None else block
             mask = BlockMask.build(prefix, block, positions, kv_len)
+        mask = mask.to(self.device)
         single = (slots[0], self.cache.lengths[slots[0]]) if batch == 1 else None
         self.cache.layout = StepLayout(slot_t.to(self.device), (prefix.unsqueeze(1) + offsets).to(self.device),
                                        kv_len, single, self.paged)

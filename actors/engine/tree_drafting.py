@@ -290,8 +290,8 @@ class TreeDrafter(ModelDrafter):
         out = []
         for b, (t, feed, nodes) in enumerate(zip(trees, feeds, expand)):
             t.fed = feed
-            rows = torch.tensor([feed.index(i) for i in nodes])
-            out.append(logits[b, rows])
+            rows = torch.tensor([feed.index(i) for i in nodes], device=logits.device)
+            out.append(logits[b, rows].float().cpu())
         return out
 
     # -- the verdict -----------------------------------------------------------------------------

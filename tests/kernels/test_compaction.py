@@ -11,6 +11,8 @@ from specserve.kernels.tree import tree_depth, tree_mask
 
 from ..actors.engine.tiny import build_model, family_config, runner
 
+pytestmark = pytest.mark.triton_cpu  # Triton on CPU tensors: interpreter mode (see tests/conftest.py)
+
 triton_compaction = pytest.importorskip("specserve.kernels.triton_compaction")
 compact_kv_triton = triton_compaction.compact_kv_triton
 

@@ -13,6 +13,8 @@ import torch
 from specserve.kernels.tree import tree_depth, tree_mask
 from specserve.kernels.tree_attention import tree_attention_reference
 
+pytestmark = pytest.mark.triton_cpu  # Triton on CPU tensors: interpreter mode (see tests/conftest.py)
+
 triton_attention = pytest.importorskip("specserve.kernels.triton_attention")
 tree_attention_triton = triton_attention.tree_attention_triton
 

@@ -17,6 +17,8 @@ from specserve.kernels.verify import verify_chain
 pytest.importorskip("triton")
 from specserve.kernels.triton_sampling import verify_chain_triton, verify_tree_triton  # noqa: E402
 
+pytestmark = pytest.mark.triton_cpu  # Triton on CPU tensors: interpreter mode (see tests/conftest.py)
+
 BATCH = 8
 JUST_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 uniform
 

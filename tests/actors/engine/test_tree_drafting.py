@@ -101,7 +101,7 @@ def test_drafter_cache_after_tree_verdicts_equals_a_fresh_prefill():
     target = build_model(family_config("llama"), seed=0)
     drafter = TreeDrafter(runner(target), branching=3)  # the target as drafter: long accepted paths
     engine = tree_engine(target, drafter, depth=3, nodes=9)
-    seq = engine.add_request([3, 41, 9, 88], make_params(max_tokens=12))
+    seq = engine.add_request([3, 41, 9, 88], make_params(max_tokens=40))
     for _ in range(3):
         base = len(drafter.seqs[seq].context)
         engine.step()
