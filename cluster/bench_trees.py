@@ -38,9 +38,10 @@ class Totals:
     outputs: list = field(default_factory=list)
 
 
-def _engines(budgets: list[int], branching: int) -> dict[str, SpeculativeEngine]:
-    plain = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=2))
-    adaptive = build_engine(EngineSpec(demo_path("target"), "model", demo_path("drafter"), max_num_seqs=2))
+def _engines(budgets: list[int], branching: int, device: str) -> dict[str, SpeculativeEngine]:
+    plain = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=2, device=device))
+    adaptive = build_engine(EngineSpec(demo_path("target"), "model", demo_path("drafter"), max_num_seqs=2,
+                                       device=device))
     engines = {"plain": plain, "chain-adaptive": adaptive}
     drafter_runner = adaptive.drafter.runner
     for b in budgets:
@@ -70,13 +71,13 @@ def _run(engine: SpeculativeEngine, prompt: list[int], params, totals: Totals) -
 
 
 def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 96, branching: int = 4,
-                   seed: int = 0, temperature: float = 0.0, progress=print) -> dict:
+                   seed: int = 0, temperature: float = 0.0, device: str = "cpu", progress=print) -> dict:
     """Every mode over the same prompts; returns rows, tree/chain ratios and the settings.
 
     temperature > 0: sampled requests (seeded per prompt, the same seed in every mode), so
     outputs differ between modes and only the distribution is the target's.
     """
-    engines = _engines(budgets, branching)
+    engines = _engines(budgets, branching, device)
     prompts = code_prompts(engines["plain"].tokenizer, num_prompts, seed=seed)
     params = make_params(max_tokens=max_tokens, temperature=temperature)
     for eng in engines.values():  # warm-up
@@ -96,7 +97,8 @@ def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 9
                "tokens_per_s_ratio": round(by_mode[f"tree-{b}"]["tokens_per_s"]
                                            / by_mode[f"chain-{b}"]["tokens_per_s"], 3)} for b in budgets]
     return {"settings": {"prompts": len(prompts), "max_tokens": max_tokens, "budgets": budgets,
-                         "branching": branching, "temperature": temperature, "threads": torch.get_num_threads()},
+                         "branching": branching, "temperature": temperature, "threads": torch.get_num_threads(),
+                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"},
             "rows": rows, "tree_vs_chain": ratios}
 
 
@@ -128,6 +130,7 @@ def format_tables(report: dict) -> str:
 def bench_trees_main(args) -> int:
     """CLI entry: run, print the tables, write JSON."""
     budgets = [int(b) for b in args.budgets.split(",")]
-    report = run_tree_bench(budgets, args.prompts, args.max_tokens, args.branching, args.seed, args.temperature)
+    report = run_tree_bench(budgets, args.prompts, args.max_tokens, args.branching, args.seed, args.temperature,
+                            args.device)
     write_report(report, format_tables(report), args.out)
     return 0

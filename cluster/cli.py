@@ -106,6 +106,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--budgets", default="4,8,16", help="--trees: draft positions verified per step")
     p.add_argument("--branching", type=int, default=4, help="--trees: most children per tree node")
     p.add_argument("--temperature", type=float, default=0.0, help="--trees: 0 = greedy, > 0 = sampled requests")
+    p.add_argument("--device", default="cpu", help="--trees: cpu or cuda")
     p.add_argument("--kernels", action="store_true",
                    help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
     p.set_defaults(func=_bench)

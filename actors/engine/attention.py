@@ -131,7 +131,7 @@ def specserve_attention(
         mask = None if mask is None else mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask,
                                          scale=scaling)
-    out = out.view(batch, heads, n, head_dim)
+    out = out.reshape(batch, heads, n, head_dim)  # (a view on the CPU; CUDA may return another layout)
     return out.transpose(1, 2).contiguous(), None  # [batch, n, heads, head_dim]
 
 

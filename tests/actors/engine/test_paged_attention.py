@@ -66,4 +66,6 @@ def test_on_cuda_the_triton_path_matches_the_torch_path_and_tree_decoding_stays_
         engine = SpeculativeEngine(cuda_runner(kernels), None, drafter,
                                    DraftLengthConfig(k_max=3, fixed_k=3, tree_nodes=6), kernels=kernels)
         outputs[kernels] = [r.token_ids for r in engine.generate([[3, 41, 9, 88], [7]], make_params(max_tokens=16))]
+        sampled = engine.generate([[3, 41, 9, 88], [7]], make_params(max_tokens=16, temperature=1.0, seed=3))
+        assert [len(r.token_ids) for r in sampled] == [16, 16]  # the Triton samplers ran in the engine
     assert outputs["auto"] == outputs["torch"]
