@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MAX_BLOCK = 64  # longest block the Triton kernel takes in one tile (longer forwards, e.g. prefills, use SDPA)
+
 
 def default_positions(prefix_len: torch.Tensor, n: int) -> torch.Tensor:
     """Logical positions of a chain block: prefix_len + j.  prefix_len: [batch] -> [batch, n]"""

@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from specserve.kernels.tree_attention import MAX_BLOCK  # n <= MAX_BLOCK: the block pass is a single tile
+
 LOG2E = 1.4426950408889634
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_BLOCK = 64  # n <= MAX_BLOCK: the block pass is a single tile
 BLOCK_N = 64  # keys per tile of the prefix pass
 
 

@@ -18,6 +18,7 @@ from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask, Pa
 from specserve.actors.engine.kv_cache import CacheShape, KVCache, StepLayout
 from specserve.kernels import dispatch
 from specserve.kernels.dispatch import Backend
+from specserve.kernels.tree_attention import MAX_BLOCK as PAGED_MAX_BLOCK
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
 
@@ -135,7 +136,8 @@ class ModelRunner:
         positions = prefix.unsqueeze(1) + (offsets if depth is None else depth)
         kv_len = int(prefix.max()) + n
         slot_t = torch.tensor(slots, dtype=torch.long)
-        if self.paged:
+        paged = self.paged and n <= PAGED_MAX_BLOCK  # long forwards (prefills) take the SDPA path
+        if paged:
             block = chain_block(n_valid, n) if block is None else block
             dev = self.device
             pg = PagedBlock(slot_t.to(dev), prefix.to(dev), block.to(dev), positions.to(dev), self.cfg.kernels)
@@ -148,7 +150,7 @@ class ModelRunner:
         mask = mask.to(self.device)
         single = (slots[0], self.cache.lengths[slots[0]]) if batch == 1 else None
         self.cache.layout = StepLayout(slot_t.to(self.device), (prefix.unsqueeze(1) + offsets).to(self.device),
-                                       kv_len, single, self.paged)
+                                       kv_len, single, paged)
         out = self.model(
             input_ids=tokens.to(self.device),
             position_ids=positions.to(self.device),

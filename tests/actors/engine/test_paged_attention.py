@@ -18,15 +18,15 @@ PARENTS = torch.tensor([[-1, 0, 0, 1, 1, 2, 3], [-1, 0, 1, 2, -1, -1, -1]])  # a
 
 
 def float_runner(model, kernels: str) -> ModelRunner:
-    cfg = RunnerConfig(max_num_seqs=3, max_seq_len=64, dtype=torch.float32, kernels=kernels)
+    cfg = RunnerConfig(max_num_seqs=3, max_seq_len=128, dtype=torch.float32, kernels=kernels)
     return ModelRunner(clone(model).float(), cfg)
 
 
-def tree_step(r: ModelRunner) -> torch.Tensor:
+def tree_step(r: ModelRunner, long_prompt: int = 9) -> torch.Tensor:
     """Prefill two sequences of different lengths (slots out of order), then one tree block."""
     gen = torch.Generator().manual_seed(0)
     _, a, b = r.add_sequence(), r.add_sequence(), r.add_sequence()  # slot 0 stays unused
-    r.forward([b], torch.randint(0, 96, (1, 9), generator=gen))
+    r.forward([b], torch.randint(0, 96, (1, long_prompt), generator=gen))
     r.forward([a], torch.randint(0, 96, (1, 4), generator=gen))
     tokens = torch.randint(0, 96, (2, PARENTS.shape[1]), generator=gen)
     return r.forward([b, a], tokens, [7, 4], tree_mask(PARENTS), tree_depth(PARENTS))
@@ -41,6 +41,13 @@ def test_paged_triton_attention_matches_the_torch_path(family):
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1, :4], want[1, :4], atol=1e-4, rtol=1e-4)  # the chain's real positions
     assert not torch.allclose(got[0, 2], got[0, 1], atol=1e-3)  # siblings really differ
+
+
+def test_a_prefill_longer_than_the_kernel_block_takes_the_sdpa_path_and_decoding_continues():
+    model = build_model(family_config("llama"), seed=0)
+    paged, plain = float_runner(model, "triton"), float_runner(model, "torch")
+    got, want = tree_step(paged, long_prompt=90), tree_step(plain, long_prompt=90)  # 90 > 64 positions
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
