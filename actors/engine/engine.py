@@ -154,14 +154,19 @@ class SpeculativeEngine:
             ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
         return ks
 
+    def _tree_nodes(self, seq: Sequence, k: int) -> int:
+        """Tree budget for a sequence drafting k deep (0: a chain); never more tokens than its
+        remaining max_tokens, like a chain's k."""
+        if not k or not self.policy.tree_nodes:
+            return 0
+        return min(max(k, self.policy.tree_nodes), seq.params.max_tokens - len(seq.generated) - 1)
+
     def _draft(self, seqs: list[Sequence]) -> list[Draft]:
         ks = self._draft_lengths(seqs)
         if self.drafter is None or not any(ks):
             return [Draft([]) for _ in seqs]
         t0 = time.perf_counter()
-        nodes = self.policy.tree_nodes
-        drafts = self.drafter.propose([DraftRequest(s.seq_id, k, max(k, nodes) if k and nodes else 0)
-                                       for s, k in zip(seqs, ks)])
+        drafts = self.drafter.propose([DraftRequest(s.seq_id, k, self._tree_nodes(s, k)) for s, k in zip(seqs, ks)])
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
         remote = [d.seconds for d in drafts if d.seconds is not None]
         if remote:  # a remote drafter: its own drafting time, and the rest is the round trip
