@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -38,6 +38,16 @@ class _Stream:
 
     def send(self, msg) -> None:
         self.loop.call_soon_threadsafe(self.outbox.put_nowait, msg)
+
+
+@dataclass
+class _Swap:
+    """A weight swap waiting in the worker's inbox."""
+
+    state: dict
+    version: str
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
 
 
 class DraftWorker:
@@ -72,6 +82,28 @@ class DraftWorker:
         self._running = False
         self.inbox.put(_CLOSED)
         self._thread.join(timeout=5)
+
+    def swap_weights(self, state: dict, version: str, timeout_s: float = 60.0) -> None:
+        """Hot swap: new drafter weights, applied on the worker thread between waves.
+
+        Returns once they are in use. Live sequences keep drafting; their caches are rebuilt
+        from their contexts on the next draft. Raises what loading raised (the old weights stay).
+        """
+        swap = _Swap(state, version)
+        self.inbox.put(swap)
+        if not swap.done.wait(timeout_s):
+            raise TimeoutError(f"the draft worker did not load weights {version} within {timeout_s} s")
+        if swap.error is not None:
+            raise swap.error
+
+    def _swap(self, swap: "_Swap") -> None:
+        try:
+            self.drafter.swap_weights(swap.state, swap.version)
+            self.weight_version = swap.version
+        except Exception as e:  # a bad checkpoint leaves the old weights serving
+            swap.error = e
+        finally:
+            swap.done.set()
 
     def close_stream(self, stream: _Stream) -> None:
         """The verifier went away: forget its sequences (on the worker thread)."""
@@ -115,7 +147,14 @@ class DraftWorker:
 
     def _handle(self, wave: list) -> None:
         pending: dict[int, tuple[_Stream, int, int, int]] = {}  # seq -> (stream, wire id, k, tree nodes)
-        for stream, msg in wave:
+        for item in wave:
+            if isinstance(item, _Swap):  # between drafts: what was asked before gets the old weights
+                if pending:
+                    self._answer(pending)
+                    pending = {}
+                self._swap(item)
+                continue
+            stream, msg = item
             if msg is None:
                 self._drop_stream(stream)
                 continue

@@ -78,7 +78,8 @@ def analytic_bound(a: float, k: float, c: float) -> float:
     return gain / (k * c + 1)
 
 
-def _run_engine(engine, prompt, params, totals: ModeTotals) -> None:
+def run_engine(engine, prompt, params, totals: ModeTotals) -> None:
+    """One request through an engine, added to the mode's totals."""
     start = time.perf_counter()
     [res] = engine.generate([prompt], params)
     totals.seconds += time.perf_counter() - start
@@ -134,7 +135,7 @@ def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, thres
     for i, prompt in enumerate(prompts):
         for mode in modes:
             if mode in engines:
-                _run_engine(engines[mode], prompt, params, totals[mode])
+                run_engine(engines[mode], prompt, params, totals[mode])
             else:
                 _run_hf(hf[0], hf[1] if mode == "hf-assisted" else None, prompt, max_tokens, eos, totals[mode])
         progress(f"prompt {i + 1}/{len(prompts)} done")

@@ -12,9 +12,6 @@ over more nodes). Every mode's output must equal plain decoding (greedy).
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 
 from specserve.actors.demo import demo_path
@@ -24,18 +21,8 @@ from specserve.actors.engine.drafters import ModelDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.request import make_params
 from specserve.actors.engine.tree_drafting import TreeDrafter
-from specserve.cluster.bench_local import code_prompts
+from specserve.cluster.bench_local import ModeTotals, code_prompts, run_engine
 from specserve.cluster.reporting import text_table, write_report
-
-
-@dataclass
-class Totals:
-    tokens: int = 0
-    seconds: float = 0.0
-    drafted: int = 0
-    accepted: int = 0
-    steps: int = 0
-    outputs: list = field(default_factory=list)
 
 
 def _engines(budgets: list[int], branching: int, device: str) -> dict[str, SpeculativeEngine]:
@@ -59,17 +46,6 @@ def _fresh_runner(runner):
     return type(runner)(runner.model, runner.cfg)
 
 
-def _run(engine: SpeculativeEngine, prompt: list[int], params, totals: Totals) -> None:
-    start = time.perf_counter()
-    [res] = engine.generate([prompt], params)
-    totals.seconds += time.perf_counter() - start
-    totals.tokens += len(res.token_ids)
-    totals.drafted += res.stats.drafted
-    totals.accepted += res.stats.accepted
-    totals.steps += res.stats.steps
-    totals.outputs.append(res.token_ids)
-
-
 def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 96, branching: int = 4,
                    seed: int = 0, temperature: float = 0.0, device: str = "cpu", progress=print) -> dict:
     """Every mode over the same prompts; returns rows, tree/chain ratios and the settings.
@@ -82,12 +58,12 @@ def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 9
     params = make_params(max_tokens=max_tokens, temperature=temperature)
     for eng in engines.values():  # warm-up
         eng.generate([prompts[0][:16]], make_params(max_tokens=8))
-    totals = {m: Totals() for m in engines}
+    totals = {m: ModeTotals() for m in engines}
     for i, prompt in enumerate(prompts):
         for mode, eng in engines.items():
             if temperature > 0:  # unseeded: no fixed k for seeded requests, and every mode draws afresh
                 params = make_params(max_tokens=max_tokens, temperature=temperature)
-            _run(eng, prompt, params, totals[mode])
+            run_engine(eng, prompt, params, totals[mode])
         progress(f"prompt {i + 1}/{len(prompts)} done")
     rows = _rows(totals)
     by_mode = {r["mode"]: r for r in rows}
@@ -102,7 +78,7 @@ def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 9
             "rows": rows, "tree_vs_chain": ratios}
 
 
-def _rows(totals: dict[str, Totals]) -> list[dict]:
+def _rows(totals: dict[str, ModeTotals]) -> list[dict]:
     plain = totals["plain"]
     plain_tps = plain.tokens / plain.seconds
     rows = []

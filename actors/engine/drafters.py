@@ -75,6 +75,11 @@ class BaseDrafter:
 
     def __init__(self):
         self.seqs: dict[int, SeqState] = {}
+        self.weight_version = ""  # the drafter weights' version (model drafters)
+
+    def version(self, seq_id: int) -> str:
+        """Weight version that drafted this sequence's last draft."""
+        return self.weight_version
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Begin drafting for a new sequence."""
@@ -99,6 +104,10 @@ class BaseDrafter:
     def has_ahead_work(self) -> bool:
         """Whether `draft_ahead` has something useful to do (pipelined drafting)."""
         return False
+
+    def swap_weights(self, state: dict, version: str) -> None:
+        """Replace the drafter's weights (hot swap); drafters without weights cannot."""
+        raise ValueError(f"the {self.name} drafter has no weights to swap")
 
     def draft_ahead(self) -> None:
         """Spend idle time drafting past the last draft, assuming it is fully accepted."""
@@ -186,6 +195,21 @@ class ModelDrafter(BaseDrafter):
         self.top_m = top_m
         self.ahead_hits = 0  # verdicts that confirmed pipelined work
         self.ahead_misses = 0  # verdicts that discarded it
+
+    def swap_weights(self, state: dict, version: str) -> None:
+        """Load new weights (same architecture) between rounds. Every live sequence keeps its
+        context; its cache is emptied and refilled on its next draft, and work drafted ahead
+        with the old weights is dropped. A state that does not fit raises and changes nothing."""
+        model = self.runner.model
+        current = model.state_dict()
+        if set(state) != set(current) or any(state[k].shape != current[k].shape for k in current):
+            raise ValueError(f"weights {version} do not fit this drafter's architecture")
+        model.load_state_dict(state)
+        self.weight_version = version
+        for st in self.seqs.values():
+            st.fed = 0
+            self.runner.truncate(st.slot, 0)
+            st.guess, st.ahead, st.ahead_done, st.ready, st.ready_done = None, None, False, None, False
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a cache slot and prefill all but the last prompt token (admission, not drafting)."""

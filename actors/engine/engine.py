@@ -22,6 +22,7 @@ from specserve.actors.engine.request import (
 )
 from specserve.actors.engine.runner import ModelRunner
 from specserve.actors.engine.stops import StopChecker
+from specserve.actors.engine.tap import TrafficTap, make_record, top_k_rows
 from specserve.actors.engine import randomness
 from specserve.kernels import dispatch
 from specserve.kernels.dispatch import Backend
@@ -75,8 +76,10 @@ class SpeculativeEngine:
     """Continuous batching of speculative decoding over one target model."""
 
     def __init__(self, target: ModelRunner, tokenizer, drafter: BaseDrafter | None = None,
-                 policy: DraftLengthConfig = DraftLengthConfig(), rtt_s: float = 0.0, kernels: Backend = "auto"):
+                 policy: DraftLengthConfig = DraftLengthConfig(), rtt_s: float = 0.0, kernels: Backend = "auto",
+                 tap: TrafficTap | None = None):
         self.target = target
+        self.tap = tap  # records verified blocks for online distillation (tap.py); None or disabled: nothing
         self.kernels = kernels  # which implementation of the verification kernels (kernels/dispatch.py)
         self.tokenizer = tokenizer
         self.drafter = drafter
@@ -192,6 +195,8 @@ class SpeculativeEngine:
         depth = None if block.parents is None else tree_depth(block.parents)
         logits = self.target.forward([s.slot for s in seqs], block.tokens, block.n_valid, mask, depth)  # [batch, n, vocab]
         path, num_acc, next_tok = self._verify(seqs, drafts, block, logits)
+        if self.tap is not None and self.tap.cfg.enabled:
+            self._record(seqs, drafts, logits, num_acc.tolist())
         if path is not None:
             self._compact(seqs, lengths, path, num_acc)
         elapsed = time.perf_counter() - t0
@@ -252,6 +257,17 @@ class SpeculativeEngine:
             noise[i] = randomness.exp_noise(s.seed, start, vocab)
         dev = logits.device
         return p, q_ids.to(dev), q_probs.to(dev), uniforms.to(dev), noise.to(dev)
+
+    def _record(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor, num_acc: list[int]) -> None:
+        """Offer the tap this step's verified chain blocks (trees are not recorded)."""
+        rows = [i for i, d in enumerate(drafts) if d.tokens and d.parents is None and self.tap.wants()]
+        if not rows:
+            return
+        ids, probs = top_k_rows(logits[rows], self.tap.cfg.top_k)
+        for j, i in enumerate(rows):
+            s, d = seqs[i], drafts[i]
+            self.tap.put(make_record(s.prompt_ids + s.generated, d.tokens, ids[j], probs[j], num_acc[i],
+                                     self.drafter.version(s.seq_id), self.tap.cfg.max_context))
 
     def _compact(self, seqs: list[Sequence], lengths: list[int], path: torch.Tensor, num_acc: torch.Tensor) -> None:
         """Move each row's accepted tree path into place in the target cache (chains need nothing)."""

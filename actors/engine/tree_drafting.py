@@ -169,6 +169,11 @@ class TreeDrafter(ModelDrafter):
     def has_ahead_work(self) -> bool:
         return False
 
+    def swap_weights(self, state: dict, version: str) -> None:
+        super().swap_weights(state, version)
+        self._fed_nodes.clear()  # the cached tree nodes are gone with the cache
+        self._last_tree.clear()
+
     def stop(self, seq_id: int) -> None:
         self._fed_nodes.pop(seq_id, None)
         self._last_tree.pop(seq_id, None)

@@ -14,7 +14,7 @@ from specserve.actors.engine.request import make_params
 from specserve.actors.remote_drafter import RemoteDrafterPool
 
 from .drafting import DraftServerThread
-from .engine.tiny import always_drafting_engine, build_model, family_config, hf_greedy, runner
+from .engine.tiny import always_drafting_engine, build_model, family_config, hf_greedy, record_drafts, runner
 
 NEW_TOKENS = 24
 PROMPTS = [[7], [3, 41, 9, 88], [5, 6, 7, 5, 6, 7, 5, 6, 7], list(range(20, 34))]
@@ -111,18 +111,6 @@ def test_token_trees_over_the_wire_equal_tree_drafting_in_process(models, params
         results = engine.generate(PROMPTS, params)
         assert [r.token_ids for r in results] == expected
         assert any(d.parents is not None and d.parents.count(-1) > 1 for d in drafts)
-
-
-def record_drafts(pool) -> list:
-    drafts, propose = [], pool.propose
-
-    def recording(reqs):
-        out = propose(reqs)
-        drafts.extend(out)
-        return out
-
-    pool.propose = recording
-    return drafts
 
 
 def test_a_drafter_killed_mid_generation_changes_nothing_and_sequences_move_to_another(models):

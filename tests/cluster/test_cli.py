@@ -69,3 +69,19 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     assert set(rows) == {"plain", "model", "ngram"}
     assert rows["model"]["matches_plain"] == 1.0 and rows["ngram"]["matches_plain"] == 1.0
     assert rows["plain"]["speedup"] == 1.0
+
+
+def test_bench_trees_compares_trees_and_chains_at_the_same_budget(tmp_path):
+    out = tmp_path / "trees.json"
+    proc = specserve("bench", "--trees", "--prompts", "1", "--max-tokens", "12", "--budgets", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert set(rows) == {"plain", "chain-adaptive", "chain-3", "tree-3"}
+    assert all(r["matches_plain"] == 1.0 for r in rows.values())  # greedy: every mode is lossless
+    assert rows["tree-3"]["verified_per_step"] > 0 and report["tree_vs_chain"][0]["budget"] == 3
+
+
+def test_bench_kernels_says_it_needs_a_gpu_when_there_is_none():
+    proc = specserve("bench", "--kernels")
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr

@@ -11,7 +11,7 @@ from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.request import make_params
 from specserve.actors.engine.tree_drafting import TreeDrafter
 
-from .tiny import AlwaysDraftCost, build_model, family_config, hf_greedy, runner
+from .tiny import AlwaysDraftCost, build_model, family_config, hf_greedy, record_drafts, runner
 
 NEW_TOKENS = 16
 PROMPTS = [[7], [3, 41, 9, 88], [5, 6, 7, 5, 6, 7, 5, 6, 7], list(range(20, 34))]
@@ -23,19 +23,6 @@ def tree_engine(target, drafter: TreeDrafter, depth: int, nodes: int) -> Specula
     engine = SpeculativeEngine(runner(target), None, drafter, policy=policy)
     engine.cost = AlwaysDraftCost(policy)
     return engine
-
-
-def record_drafts(drafter: TreeDrafter) -> list:
-    drafts = []
-    propose = drafter.propose
-
-    def recording(reqs):
-        out = propose(reqs)
-        drafts.extend(out)
-        return out
-
-    drafter.propose = recording
-    return drafts
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "gpt2"])

@@ -118,3 +118,17 @@ def record_draft_lengths(drafter: BaseDrafter) -> list[int]:
 
     drafter.propose = recording
     return lengths
+
+
+def record_drafts(drafter: BaseDrafter) -> list:
+    """Make `drafter` append every Draft it proposes to the returned list."""
+    drafts: list = []
+    propose = drafter.propose
+
+    def recording(reqs):
+        out = propose(reqs)
+        drafts.extend(out)
+        return out
+
+    drafter.propose = recording
+    return drafts
