@@ -47,8 +47,12 @@ def _client():
     return _get_global_client()
 
 
-def wait_running(timeout_s: float, progress=None, name: str = APP_NAME) -> None:
-    """Block until the application is RUNNING; raise DeployError if it fails or times out."""
+def wait_running(timeout_s: float, progress=None, name: str = APP_NAME, recovering: bool = False) -> None:
+    """Block until the application is RUNNING; raise DeployError if it fails or times out.
+
+    recovering: a replica just died, so UNHEALTHY is expected until Serve has replaced it; only
+    the timeout is an error then.
+    """
     end, last = time.monotonic() + timeout_s, None
     while time.monotonic() < end:
         app = serve.status().applications.get(name)
@@ -59,7 +63,7 @@ def wait_running(timeout_s: float, progress=None, name: str = APP_NAME) -> None:
             last = state
             if app.status == "RUNNING":
                 return
-            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            if app.status == "DEPLOY_FAILED" or (app.status == "UNHEALTHY" and not recovering):
                 details = "; ".join(f"{n}: {d.message}" for n, d in app.deployments.items() if d.message)
                 raise DeployError(f"{app.status}: {app.message or details}")
         time.sleep(0.5)

@@ -219,7 +219,7 @@ def test_a_drafter_replica_killed_mid_stream_changes_no_output(cluster, referenc
     killer.join()
     assert not [r for r in replies if isinstance(r, Exception)]
     assert [r.token_ids for r in replies] == [reference[(p, LONG)] for p in prompts]
-    serving.wait_running(120)  # Serve replaces the dead replica
+    serving.wait_running(120, recovering=True)  # Serve replaces the dead replica
 
 
 def test_scaling_drafters_up_and_down_under_load_fails_nothing(cluster, reference):
