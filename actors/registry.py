@@ -35,7 +35,9 @@ class DrafterRecord:
 class DrafterRegistry:
     """Live drafter endpoints (see module docstring)."""
 
-    def __init__(self, ttl_s: float = 5.0):
+    # generous against heartbeats delayed on a saturated node (a replica beats every second); a
+    # dead replica's streams break at once, so the TTL only delays new sequences' choice
+    def __init__(self, ttl_s: float = 15.0):
         self.ttl_s = ttl_s
         self._records: dict[str, tuple[DrafterRecord, float]] = {}
 

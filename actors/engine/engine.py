@@ -344,12 +344,15 @@ class VerifyBlock:
     def of(pending: list[int], drafts: list[Draft]) -> "VerifyBlock":
         n = 1 + max(len(d.tokens) for d in drafts)
         tokens = torch.zeros(len(drafts), n, dtype=torch.long)
-        parents = torch.full((len(drafts), n), -1, dtype=torch.long)
         for i, (pend, d) in enumerate(zip(pending, drafts)):
             tokens[i, : 1 + len(d.tokens)] = torch.tensor([pend] + d.tokens)
+        n_valid = [1 + len(d.tokens) for d in drafts]
+        if all(d.parents is None for d in drafts):
+            return VerifyBlock(tokens, n_valid, None)
+        parents = torch.full((len(drafts), n), -1, dtype=torch.long)
+        for i, d in enumerate(drafts):
             parents[i, 1 : 1 + len(d.tokens)] = torch.tensor(d.tree_parents(), dtype=torch.long) + 1
-        is_tree = any(d.parents is not None for d in drafts)
-        return VerifyBlock(tokens, [1 + len(d.tokens) for d in drafts], parents if is_tree else None)
+        return VerifyBlock(tokens, n_valid, parents)
 
 
 def _tested(draft: Draft, accepted: int, path: list[int] | None) -> int:

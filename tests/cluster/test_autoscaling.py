@@ -112,6 +112,6 @@ def test_drafter_load_scales_the_pool_up_then_back_down_without_touching_the_ver
     assert sum(r.drafted for _, r in load.results) > 0
 
     assert wait_for(lambda: replica_states(DRAFTER) == {"RUNNING": 1}, timeout_s=90), replica_states(DRAFTER)
-    assert wait_for(lambda: len(drafter_records()) == 1, timeout_s=15), drafter_records()
+    assert wait_for(lambda: len(drafter_records()) == 1, timeout_s=30), drafter_records()
     assert replica_states(VERIFIER) == {"RUNNING": 1}
     assert serve.get_app_handle(APP_NAME).load.remote().result()["replica_id"] == verifier_before
