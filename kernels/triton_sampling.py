@@ -367,7 +367,7 @@ def verify_tree_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(path [batch, n] int64 padded with -1, num_accepted [batch], next_token [batch]).
 
-    As `kernels.tree.verify_tree`, except that the outputs stay on the inputs' device.
+    As `kernels.tree.verify_tree`.
     """
     batch, n = tokens.shape
     vocab, m = p.shape[-1], q_ids.shape[-1]

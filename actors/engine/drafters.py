@@ -342,6 +342,16 @@ class ModelDrafter(BaseDrafter):
         # choosing tokens is per-row host work: bring the rows to the CPU once
         return logits[torch.arange(len(feeds), device=logits.device), last.to(logits.device)].float().cpu()
 
+    def _sparse_q(self, st: SeqState, logits: torch.Tensor, length: int):
+        """(ids [m], probs [m], noise [m]): the sparse q a sampled draft token after `length`
+        tokens is drawn from, and the Exp(1) noise keyed to that position (argmax probs / noise
+        is the sample)."""
+        p = st.params
+        q = sampling_probs(logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_k]),
+                           torch.tensor([p.top_p], dtype=torch.float64))[0]
+        ids, probs = truncate_top_m(q, self.top_m)
+        return ids, probs, randomness.exp_noise(st.seed, length - st.prompt_len, ids.shape[0], randomness.DRAFT)
+
     def _pick(self, st: SeqState, logits: torch.Tensor, draft: Draft, length: int) -> bool:
         """Append the next draft token to `draft` unless the confidence stop says no.
 
@@ -354,11 +364,7 @@ class ModelDrafter(BaseDrafter):
                 return False
             draft.tokens.append(int(token))
             return True
-        p = st.params
-        q = sampling_probs(logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_k]),
-                           torch.tensor([p.top_p], dtype=torch.float64))[0]
-        ids, probs = truncate_top_m(q, self.top_m)
-        noise = randomness.exp_noise(st.seed, length - st.prompt_len, ids.shape[0], randomness.DRAFT)
+        ids, probs, noise = self._sparse_q(st, logits, length)
         token = int(ids[sample_from(probs, noise)])
         if float(probs[0]) < self.confidence_threshold:
             return False

@@ -195,8 +195,9 @@ class SpeculativeEngine:
         depth = None if block.parents is None else tree_depth(block.parents)
         logits = self.target.forward([s.slot for s in seqs], block.tokens, block.n_valid, mask, depth)  # [batch, n, vocab]
         path, num_acc, next_tok = self._verify(seqs, drafts, block, logits)
+        accepted = num_acc.tolist()
         if self.tap is not None and self.tap.cfg.enabled:
-            self._record(seqs, drafts, logits, num_acc.tolist())
+            self._record(seqs, drafts, logits, accepted)
         if path is not None:
             self._compact(seqs, lengths, path, num_acc)
         elapsed = time.perf_counter() - t0
@@ -204,9 +205,9 @@ class SpeculativeEngine:
         self.timing.verify_s += elapsed
         self.timing.verify_steps += 1
         paths = [None] * len(seqs) if path is None else [[i - 1 for i in row[1 : 1 + a]]
-                                                        for row, a in zip(path.tolist(), num_acc.tolist())]
+                                                        for row, a in zip(path.tolist(), accepted)]
         return [self._commit(s, d, length, a, t, pa) for s, d, length, a, t, pa in
-                zip(seqs, drafts, lengths, num_acc.tolist(), next_tok.tolist(), paths)]
+                zip(seqs, drafts, lengths, accepted, next_tok.tolist(), paths)]
 
     def _verify(self, seqs: list[Sequence], drafts: list[Draft], block: "VerifyBlock", logits: torch.Tensor):
         """(path [batch, n] or None for chains, num_accepted [batch], next_token [batch])."""

@@ -123,12 +123,7 @@ class KVCache:
         """
         lay = self.layout
         k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
-        if lay.paged:
-            rows = lay.slots.unsqueeze(1).expand_as(lay.write)  # [batch, n]
-            k_store[rows, lay.write] = key.transpose(1, 2).to(k_store.dtype)
-            v_store[rows, lay.write] = value.transpose(1, 2).to(v_store.dtype)
-            return k_store, v_store  # [num_slots, capacity, kv_heads, head_dim]
-        if lay.single is not None:  # one sequence: plain slices, no gather/scatter
+        if lay.single is not None and not lay.paged:  # one sequence: plain slices, no gather/scatter
             s, start = lay.single
             end = start + key.shape[2]
             k_store[s, start:end] = key[0].transpose(0, 1)
@@ -138,6 +133,8 @@ class KVCache:
         rows = lay.slots.unsqueeze(1).expand_as(lay.write)  # [batch, n]
         k_store[rows, lay.write] = key.transpose(1, 2).to(k_store.dtype)
         v_store[rows, lay.write] = value.transpose(1, 2).to(v_store.dtype)
+        if lay.paged:
+            return k_store, v_store  # [num_slots, capacity, kv_heads, head_dim]
         k_all = k_store[:, : lay.kv_len].index_select(0, lay.slots)
         v_all = v_store[:, : lay.kv_len].index_select(0, lay.slots)
         return k_all.transpose(1, 2), v_all.transpose(1, 2)

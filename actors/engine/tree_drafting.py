@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.actors.engine import randomness
 from specserve.actors.engine.drafters import Draft, DraftRequest, ModelDrafter, SeqState
-from specserve.kernels.sampling import sampling_probs, truncate_top_m
 from specserve.kernels.tree import tree_mask
 
 
@@ -236,13 +234,9 @@ class TreeDrafter(ModelDrafter):
             probs = torch.softmax(logits.float(), dim=-1)
             top, ids = torch.topk(probs, self.branching)
             return list(zip(ids.tolist(), top.tolist())), None
-        p = st.params
-        q = sampling_probs(logits.unsqueeze(0), torch.tensor([p.temperature]), torch.tensor([p.top_k]),
-                           torch.tensor([p.top_p], dtype=torch.float64))[0]
-        ids, probs = truncate_top_m(q, self.top_m)
-        # the noise of the chain's draft at this position: its argmax is the chain's token, the
-        # order of probs / noise draws the rest without replacement (Gumbel-top-b)
-        noise = randomness.exp_noise(st.seed, len(st.context) + depth - st.prompt_len, ids.shape[0], randomness.DRAFT)
+        # the chain's q and noise at this position: argmax probs / noise is the chain's token,
+        # the order of probs / noise draws the rest without replacement (Gumbel-top-b)
+        ids, probs, noise = self._sparse_q(st, logits, len(st.context) + depth)
         order = torch.argsort(probs / noise, descending=True)[: self.branching]
         order = order[probs[order] > 0]
         return [(int(ids[j]), float(probs[j])) for j in order], (ids, probs)
@@ -258,10 +252,10 @@ class TreeDrafter(ModelDrafter):
             cands, q_row = self._candidates(tree, parent, logits)
             score = 1.0 if parent < 0 else tree.scores[parent]
             cap, miss = score, 1.0
+            depth = 1 if parent < 0 else tree.depths[parent] + 1
             for rank, (token, prob) in enumerate(cands):
                 # the verifier reaches this candidate when its parent was reached and every
                 # earlier sibling rejected; it then takes it with the calibrated rate
-                depth = 1 if parent < 0 else tree.depths[parent] + 1
                 rate = self.calibration[p.greedy].rate(depth, rank, prob) if calibrated else prob / miss
                 cap = min(cap, score * miss * rate)  # never above an earlier sibling (see _Tree.best)
                 miss *= max(0.0, 1.0 - rate)
@@ -280,8 +274,8 @@ class TreeDrafter(ModelDrafter):
         tokens = torch.zeros(len(trees), n, dtype=torch.long)
         parents = torch.full((len(trees), n), -1, dtype=torch.long)
         depth = torch.zeros(len(trees), n, dtype=torch.long)
-        for b, (t, feed) in enumerate(zip(trees, feeds)):
-            where = {node: j for j, node in enumerate(feed)}
+        wheres = [{node: j for j, node in enumerate(feed)} for feed in feeds]  # node -> block position
+        for b, (t, feed, where) in enumerate(zip(trees, feeds, wheres)):
             tokens[b, : len(feed)] = torch.tensor([t.tokens[i] for i in feed])
             parents[b, : len(feed)] = torch.tensor([where.get(t.parents[i], -1) for i in feed])
             depth[b, : len(feed)] = torch.tensor([t.depths[i] - 1 for i in feed])
@@ -293,9 +287,9 @@ class TreeDrafter(ModelDrafter):
         mask = tree_mask(parents)
         logits = self.runner.forward([t.st.slot for t in trees], tokens, [len(f) for f in feeds], mask, depth)
         out = []
-        for b, (t, feed, nodes) in enumerate(zip(trees, feeds, expand)):
+        for b, (t, feed, where, nodes) in enumerate(zip(trees, feeds, wheres, expand)):
             t.fed = feed
-            rows = torch.tensor([feed.index(i) for i in nodes], device=logits.device)
+            rows = torch.tensor([where[i] for i in nodes], device=logits.device)
             out.append(logits[b, rows].float().cpu())
         return out
 
