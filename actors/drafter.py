@@ -47,6 +47,11 @@ class Drafter:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = DrafterMetrics()
         self._stopping = False
+        # the checkpoint's own weights, to go back to when the hub rolls back to the base version
+        self._base_state = ({k: v.detach().clone() for k, v in self.worker.drafter.runner.model.state_dict().items()}
+                            if settings.hot_swap else None)
+        if settings.hot_swap:  # a restarted cluster resumes from the latest good version before serving
+            await self._follow_hub()
         await self._heartbeat_once()
         self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
         log.info("drafter %s serving drafts on %s (%s)", self.replica_id, self.address, self.device)
@@ -67,6 +72,30 @@ class Drafter:
                 await self._heartbeat_once()
             except Exception as e:  # registry restarting: the next beat re-registers us
                 log.warning("heartbeat failed: %s", e)
+            if self.settings.hot_swap:
+                await self._follow_hub()
+
+    async def _follow_hub(self) -> None:
+        """Swap in the weight version the distill hub assigns this replica, if it changed.
+
+        The swap happens on the draft worker between waves (DraftWorker.swap_weights); live
+        sequences keep drafting with rebuilt caches. Any failure leaves the current weights
+        serving and is retried on the next beat.
+        """
+        from specserve.actors.distill.hub import get_hub
+
+        try:
+            hub = get_hub()
+            assigned = await hub.assignment.remote(self.replica_id, self.worker.weight_version)
+            version = assigned["version"]
+            if version == self.worker.weight_version:
+                return
+            state = self._base_state if assigned["weights"] is None else await assigned["weights"]
+            await asyncio.to_thread(self.worker.swap_weights, state, version)
+            self.metrics.swaps.inc()
+            log.info("drafter %s now runs weight version %s", self.replica_id, version)
+        except Exception as e:  # hub restarting, weights not fetchable: keep serving what we have
+            log.warning("weight version check failed: %s", e)
 
     async def record_autoscaling_stats(self) -> dict:
         """Serve autoscaling metric: the sequences this replica drafts for."""

@@ -91,3 +91,4 @@ class DrafterMetrics:
     def __init__(self):
         self.sequences = metrics.Gauge("specserve_drafter_sequences", "Sequences a drafter replica holds.")
         self.drafts = metrics.Counter("specserve_drafter_drafts_total", "Drafts sent by a drafter replica.")
+        self.swaps = metrics.Counter("specserve_drafter_weight_swaps_total", "Hot swaps of drafter weights.")

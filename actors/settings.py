@@ -9,6 +9,7 @@ import torch
 
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.build import DRAFTER_KINDS
+from specserve.actors.engine.tap import TapConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -30,6 +31,11 @@ class ModelChoice:
         return self.drafter if self.drafter in DRAFTER_KINDS else "model"
 
     @property
+    def base_version(self) -> str:
+        """Weight version name of the drafter checkpoint the replicas load."""
+        return "demo-v0" if self.drafter == "model" and self.target is None else "base"
+
+    @property
     def drafter_path(self) -> Path | None:
         if self.drafter == "model":
             return demo_path("drafter") if self.target is None else None
@@ -49,6 +55,7 @@ class VerifierSettings:
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: ask drafters for token trees of up to this many tokens
     kernels: str = "auto"  # kernels/dispatch.py backend
+    tap: TapConfig = TapConfig()  # traffic recording for distillation (enabled: ship records to the hub)
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class DrafterSettings:
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: answer tree requests with token trees (the model drafter)
     kernels: str = "auto"  # kernels/dispatch.py backend
+    hot_swap: bool = False  # follow the distill hub's assigned weight version
 
 
 def use_threads(threads: int) -> None:

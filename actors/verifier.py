@@ -21,6 +21,7 @@ from specserve.actors.engine.build import load_tokenizer
 from specserve.actors.engine.draft_length import DraftLengthConfig
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.engine.tap import TrafficTap
 from specserve.actors.errors import status_for
 from specserve.actors.metrics import VerifierMetrics
 from specserve.actors.registry import get_registry
@@ -51,13 +52,19 @@ class Verifier:
                                           deadline_s=settings.draft_deadline_ms / 1000,
                                           node_id=ray.get_runtime_context().get_node_id())
         tree_nodes = settings.tree_nodes if models.drafter_kind == "model" else 0
+        self.tap = TrafficTap(settings.tap) if settings.tap.enabled else None
         engine = SpeculativeEngine(target, self.tokenizer, self.pool,
-                                   DraftLengthConfig(k_max=settings.k_max, tree_nodes=tree_nodes), kernels=settings.kernels)
+                                   DraftLengthConfig(k_max=settings.k_max, tree_nodes=tree_nodes), kernels=settings.kernels,
+                                   tap=self.tap)
         self.metrics = VerifierMetrics()
         self.totals = {"steps": 0, "drafted": 0, "accepted": 0}  # since the replica started
+        self._by_version: dict[str, list[int]] = {}  # drafted/accepted per drafter version, not yet shipped
+        self._by_version_lock = threading.Lock()
         self.scheduler = Scheduler(engine, settings.max_queue, on_step=self._on_step)
         if self.pool is not None:
             threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
+        if self.tap is not None:
+            threading.Thread(target=self._ship_traffic, name="traffic-ship", daemon=True).start()
 
     def _poll_registry(self) -> None:
         """Keep a fresh copy of the drafter list, off the hot path."""
@@ -74,11 +81,39 @@ class Verifier:
                 registry = None
             time.sleep(0.5)
 
+    def _ship_traffic(self) -> None:
+        """Every second, hand the tap's records and the acceptance per drafter version to the
+        distill hub, off the hot path. If the hub is away the batch is dropped (and counted):
+        the tap stays bounded and serving never waits for distillation."""
+        from specserve.actors.distill.hub import get_hub
+
+        hub, shipped_drops = None, 0
+        while not self.scheduler.draining:
+            time.sleep(1.0)
+            records = self.tap.drain()
+            with self._by_version_lock:
+                by_version, self._by_version = self._by_version, {}
+            dropped = self.tap.stats.dropped + self.tap.stats.expired
+            try:
+                hub = hub or get_hub()
+                ray.get(hub.ingest.remote(records, by_version, dropped - shipped_drops), timeout=10)
+                shipped_drops = dropped
+            except Exception as e:  # the hub restarting or gone: this batch is lost, serving goes on
+                self.tap.lose(len(records))
+                log.warning("distill hub unavailable, %d traffic records dropped: %s", len(records), e)
+                hub = None
+
     def _on_step(self, report) -> None:
         self.totals["steps"] += 1
         self.totals["drafted"] += report.drafted
         self.totals["accepted"] += sum(report.accepted_per_position)
         self.metrics.on_step(report)
+        if self.tap is not None:
+            with self._by_version_lock:
+                for version, (drafted, accepted) in report.by_version.items():
+                    counts = self._by_version.setdefault(version, [0, 0])
+                    counts[0] += drafted
+                    counts[1] += accepted
         if self.pool is not None:
             self.metrics.observe_overheads(self.pool)
 
@@ -124,6 +159,7 @@ class Verifier:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "replica_id": serve.get_replica_context().replica_id.unique_id,
                 "draft_misses": self.pool.misses if self.pool else 0,
+                "tap": None if self.tap is None else vars(self.tap.stats),
                 "cost_model": self._cost_model(),
                 "draft_overhead_p50_ms": (round(1000 * statistics.median(self.pool.overheads), 3)
                                           if self.pool and self.pool.overheads else None)}

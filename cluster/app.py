@@ -8,10 +8,17 @@ through the registry, never through Serve handles.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray import serve
 from ray.serve import Application
 
+from specserve.actors.distill.hub import HubSettings
+from specserve.actors.distill.job import DistillSpec
+from specserve.actors.engine.runner import ModelRunner
+
 from specserve.actors.drafter import Drafter
+from specserve.actors.engine.tap import TapConfig
 from specserve.actors.settings import DrafterSettings, ModelChoice, VerifierSettings
 from specserve.actors.verifier import Verifier
 from specserve.cluster.config import SpecserveConfig, parse_config
@@ -20,15 +27,32 @@ from specserve.cluster.config import SpecserveConfig, parse_config
 def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     """Replica settings from a validated config."""
     models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype)
-    spec = cfg.speculation
+    spec, distill = cfg.speculation, cfg.distill
+    tap = TapConfig(distill.enabled, **distill.tap.model_dump())
     verifier = VerifierSettings(models, cfg.verifier.max_num_seqs, cfg.verifier.max_seq_len, cfg.verifier.max_queue,
                                 spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)),
-                                tree_nodes=spec.tree_nodes, kernels=spec.kernels)
+                                tree_nodes=spec.tree_nodes, kernels=spec.kernels, tap=tap)
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
-                              threads=max(1, round(cfg.drafter.num_cpus)), tree_nodes=spec.tree_nodes,
-                              kernels=spec.kernels)
+                              weight_version=models.base_version, threads=max(1, round(cfg.drafter.num_cpus)),
+                              tree_nodes=spec.tree_nodes, kernels=spec.kernels, hot_swap=distill.enabled)
     return verifier, drafter
+
+
+def distill_specs(cfg: SpecserveConfig) -> tuple[HubSettings, DistillSpec]:
+    """The distill hub's settings and the distiller's spec for `cfg` (distill.enabled)."""
+    models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype)
+    d = cfg.distill
+    if models.drafter_kind != "model" or models.drafter_path is None:
+        raise ValueError("distillation needs a model drafter with a checkpoint (models.drafter)")
+    store = Path(d.store_path).expanduser().resolve()
+    hub = HubSettings(str(store), models.base_version, d.canary_fraction, d.canary_min_drafted, d.rollback_margin,
+                      d.canary_max_s, inbox_capacity=d.buffer_capacity)
+    spec = DistillSpec(str(models.drafter_path), ModelRunner.vocab_size_of(models.target_path), str(store / "train"),
+                       d.loss, d.learning_rate, d.batch_size, d.max_len, d.rejected_weight, d.steps_per_round,
+                       d.min_records, d.buffer_capacity, d.half_life_records, d.holdout_fraction, d.gate_margin,
+                       d.duty_cycle, d.num_cpus, d.num_gpus, d.threads)
+    return hub, spec
 
 
 def _options(deployment: dict) -> dict:

@@ -140,6 +140,14 @@ def _add_cluster(sub) -> None:
     p.add_argument("--address", default="auto", help="Ray cluster address")
     p.set_defaults(func=_cluster_command("scale_cmd"))
 
+    p = sub.add_parser("distill", help="online distillation: status, versions, rollback, pause, resume")
+    p.add_argument("action", choices=["status", "versions", "rollback", "pause", "resume"],
+                   help="status | versions | rollback VERSION (make that version live again) | pause | resume")
+    p.add_argument("version", nargs="?", default=None, help="rollback: the version to go back to")
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cluster_command("distill_cmd"))
+
     p = sub.add_parser("demo", help="local cluster with the demo pair: stream a few generations, shut down")
     p.add_argument("config", nargs="?", default=None, help="specserve YAML config (default: the demo pair)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port")

@@ -1,4 +1,4 @@
-"""CLI commands that talk to a cluster: serve, generate --server, status, scale, demo."""
+"""CLI commands that talk to a cluster: serve, generate --server, status, scale, distill, demo."""
 
 from __future__ import annotations
 
@@ -106,6 +106,66 @@ def scale_cmd(args) -> int:
     serving.scale_drafters(args.replicas, progress=serving.log)
     serving.log(f"drafter pool at {args.replicas} replicas")
     return 0
+
+
+def distill_cmd(args) -> int:
+    """`specserve distill status | versions | rollback VERSION | pause | resume`."""
+    import ray
+
+    from specserve.actors.distill.hub import get_hub
+    from specserve.cluster import serving
+
+    serving.connect(args.address)
+    try:
+        hub = get_hub()
+    except ValueError:
+        raise ConfigError("distillation is not running on this cluster (distill.enabled in the config)") from None
+    if args.action == "rollback":
+        if not args.version:
+            raise ConfigError("distill rollback needs the VERSION to make live again")
+        try:
+            info = ray.get(hub.rollback_to.remote(args.version, "operator"), timeout=30)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(str(e.args[0] if isinstance(e, KeyError) else e)) from None
+        print(f"live drafter version: {info['stable']}")
+        return 0
+    if args.action in ("pause", "resume"):
+        ray.get(hub.set_paused.remote(args.action == "pause"), timeout=30)
+        print(f"distillation {args.action}d")
+        return 0
+    info = ray.get(getattr(hub, args.action).remote(), timeout=30)
+    if args.json:
+        print(json.dumps(info, default=str))
+    elif args.action == "versions":
+        _print_versions(info)
+    else:
+        _print_distill_status(info)
+    return 0
+
+
+def _print_versions(versions: list[dict]) -> None:
+    for v in versions:
+        state = "base" if v.get("base") else "rolled back" if v.get("rolled_back") else \
+            "live/promoted" if v.get("promoted") else "canary or superseded"
+        score = f"  gate {v['candidate_score']:.4f} vs {v['live_score']:.4f}" if "candidate_score" in v else ""
+        reason = f"  ({v['rollback_reason']})" if v.get("rollback_reason") else ""
+        print(f"{v['version']:<16} {state:<22}{score}{reason}")
+
+
+def _print_distill_status(info: dict) -> None:
+    t = info["trainer"]
+    print(f"live version {info['stable']}  canary {info['canary'] or '-'}  {'PAUSED' if info['paused'] else ''}")
+    print(f"traffic: received {info['received']}  trained-on {info['pulled']}  waiting {info['inbox']}  "
+          f"dropped {info['tap_dropped'] + info['inbox_dropped']}")
+    print(f"trainer: starts {t['starts']}  steps {t['steps']}  loss {t['loss']}  buffer {t['buffer_records']} "
+          f"({100 * t['buffer_fill']:.1f}%)  gate {t['candidate_score']} vs live {t['live_score']}  "
+          f"rejected {t['rejected']}")
+    print(f"publishes {info['publishes']}  promotions {info['promotions']}  rollbacks {info['rollbacks']}")
+    for version, a in info["acceptance"].items():
+        print(f"  {version or '(no drafter)':<16} drafted {a['drafted']:>8}  accepted {a['accepted']:>8}  "
+              f"acceptance {a['alpha']}")
+    for replica, version in info["replicas"].items():
+        print(f"  drafter {replica}: {version}")
 
 
 def demo_cmd(args) -> int:

@@ -118,6 +118,57 @@ class SpeculationConfig(Strict):
         "Verification and cache kernels: auto = Triton on CUDA devices, the torch reference on CPUs."))
 
 
+class TapSettings(Strict):
+    """What the verifiers record of served traffic for distillation (user data: bounded, sampled)."""
+
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of verified blocks recorded.")
+    top_k: int = Field(16, ge=1, le=1024, description="Target probabilities kept per verified position.")
+    capacity: int = Field(4096, ge=1, description=(
+        "Records a verifier holds until they are shipped to the distiller; beyond, the oldest are dropped "
+        "(counted)."))
+    max_age_s: float = Field(600.0, gt=0, description="Records older than this are dropped unshipped (retention).")
+    max_context: int = Field(256, ge=1, description="Context tokens kept per record (the most recent ones).")
+
+
+class DistillConfig(Strict):
+    """Online distillation of the drafter from served traffic, and hot swap of its weights."""
+
+    enabled: bool = Field(False, description="Record traffic, train the drafter on it, publish better versions.")
+    store_path: str = Field("specserve-drafter-versions", description=(
+        "Directory (on the node running the weight store) where published versions persist as safetensors; "
+        "a restarted cluster resumes from its latest good version."))
+    tap: TapSettings = Field(default_factory=TapSettings, description="Traffic recording in the verifiers.")
+    loss: Literal["fkl", "rkl", "jsd"] = Field("fkl", description=(
+        "KD loss: forward KL (mass-covering), reverse KL (mode-seeking) or JSD."))
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the drafter copy.")
+    batch_size: int = Field(16, ge=1, description="Records per training step.")
+    max_len: int = Field(128, ge=16, description="Tokens per training row (context tail + draft).")
+    rejected_weight: float = Field(3.0, ge=0, description="Loss weight of the first rejected position (OSD).")
+    steps_per_round: int = Field(50, ge=1, description="Training steps between two gate evaluations.")
+    min_records: int = Field(256, ge=1, description="Records in the buffer before training starts.")
+    buffer_capacity: int = Field(20000, ge=16, description="Replay buffer size (records); the oldest leave first.")
+    half_life_records: float = Field(2000.0, gt=0, description="Recency weighting: a record's weight halves "
+                                     "every this many newer records.")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="Newest share of the buffer held out for the gate.")
+    gate_margin: float = Field(0.002, ge=-1, le=1, description=(
+        "A candidate is published when its expected acceptance on held-out traffic beats the live "
+        "version's by more than this (negative: publish slightly worse ones too; for tests)."))
+    duty_cycle: float = Field(0.5, gt=0, le=1, description=(
+        "Share of wall time the trainer computes; it sleeps the rest so serving on shared CPUs keeps its pace."))
+    canary_fraction: float = Field(0.5, gt=0, le=1, description=(
+        "Share of drafter replicas (at least one) that run a new version before the whole pool."))
+    canary_min_drafted: int = Field(400, ge=1, description=(
+        "Draft tokens the canary must have had verified before it is promoted or rolled back."))
+    rollback_margin: float = Field(0.05, ge=0, le=1, description=(
+        "The canary is rolled back when its live acceptance falls below the stable version's by more than this."))
+    canary_max_s: float = Field(120.0, gt=0, description=(
+        "A canary with fewer verified drafts than canary_min_drafted after this long is promoted on the "
+        "gate's held-out evidence (speculation may be off where it does not pay)."))
+    num_cpus: float = Field(1.0, ge=0, description="CPUs of the training worker.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of the training worker (a fraction shares a verifier's GPU).")
+    threads: int = Field(1, ge=1, description="torch CPU threads of the training worker.")
+
+
 class ServerConfig(Strict):
     """The client-facing gRPC port (Serve's gRPC proxy)."""
 
@@ -133,6 +184,14 @@ class SpecserveConfig(Strict):
     drafter: DrafterPool = Field(default_factory=DrafterPool, description="Drafter pool.")
     speculation: SpeculationConfig = Field(default_factory=SpeculationConfig, description="Speculation policy.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="Client port.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Online drafter distillation.")
+
+    @model_validator(mode="after")
+    def _distill_needs_model(self):
+        if self.distill.enabled and self.models.drafter in ("ngram", "none"):
+            raise ValueError("distill.enabled needs a model drafter (models.drafter), not "
+                             f"{self.models.drafter!r}")
+        return self
 
     def app_args(self) -> dict:
         """The application builder's arguments: everything but pool sizes (see module doc).

@@ -9,7 +9,9 @@ import ray
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from specserve.actors.registry import NAMESPACE, get_registry
+from specserve.actors.distill.hub import HUB_NAME
+from specserve.actors.distill.job import DISTILLER_NAME
+from specserve.actors.registry import NAMESPACE, REGISTRY_NAME, get_registry
 from specserve.cluster.config import APP_NAME, DRAFTER, SpecserveConfig
 
 
@@ -35,9 +37,22 @@ def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None,
     serve.start(http_options=serve_config["http_options"], grpc_options=serve_config["grpc_options"],
                 proxy_location=serve_config["proxy_location"])
     get_registry()  # before the drafters, so their first heartbeat finds it
+    if cfg.distill.enabled:
+        start_distillation(cfg)  # the hub first: drafters ask it for their weight version on start
     _client().deploy_apps(ServeDeploySchema.model_validate(serve_config))
     for app in serve_config["applications"]:
         wait_running(timeout_s, progress, app["name"])
+
+
+def start_distillation(cfg: SpecserveConfig) -> None:
+    """Start (or find) the distill hub and the distiller job for `cfg`'s drafter."""
+    from specserve.cluster.app import distill_specs
+    from specserve.actors.distill.hub import start_hub
+    from specserve.actors.distill.job import start_distiller
+
+    hub_settings, spec = distill_specs(cfg)
+    ray.get(start_hub(hub_settings).status.remote(), timeout=60)
+    start_distiller(spec)
 
 
 def _client():
@@ -117,10 +132,11 @@ def shutdown() -> None:
     try:
         serve.shutdown()
     finally:
-        try:
-            ray.kill(get_registry(create=False))
-        except Exception:
-            pass
+        for name in (REGISTRY_NAME, HUB_NAME, DISTILLER_NAME):
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+            except ValueError:  # not running
+                pass
         ray.shutdown()
 
 

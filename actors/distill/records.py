@@ -24,7 +24,7 @@ import torch
 class TrafficRecord:
     """One verified draft block: the teacher signal for the drafter, free from verification."""
 
-    context: tuple[int, ...]  # token ids the block followed, ending with the pending token
+    context: Sequence[int]  # token ids the block followed, ending with the pending token (the tap: int32 array)
     draft: tuple[int, ...]  # draft tokens d_1..d_k
     target_ids: tuple[tuple[int, ...], ...]  # [k + 1][top_k] the target's top-k token ids, most likely first
     target_probs: tuple[tuple[float, ...], ...]  # [k + 1][top_k] their probabilities (not renormalised)

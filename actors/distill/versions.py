@@ -1,7 +1,7 @@
 """Drafter weight versions on disk: safetensors files with JSON metadata, in publish order.
 
-A restarted cluster resumes from `latest()`: the newest version that was published and not
-rolled back. Files are written under a temporary name and renamed into place, so a crash
+A restarted cluster resumes from `latest()`: the newest version that was published, promoted
+(entries without the flag count as promoted) and not rolled back. Files are written under a temporary name and renamed into place, so a crash
 mid-write never leaves a half version that `latest()` could return.
 """
 
@@ -34,9 +34,24 @@ class VersionStore:
         return json.loads(self._index.read_text())
 
     def latest(self) -> dict | None:
-        """The newest version not rolled back, or None."""
-        live = [v for v in self.versions() if not v.get("rolled_back")]
+        """The newest promoted version not rolled back, or None."""
+        live = [v for v in self.versions() if not v.get("rolled_back") and v.get("promoted", True)]
         return live[-1] if live else None
+
+    def entry(self, version: str) -> dict:
+        """The metadata of `version` (KeyError naming the known ones if there is none)."""
+        return self._entry(version)
+
+    def mark(self, version: str, **fields) -> dict:
+        """Update `version`'s metadata (e.g. promoted=True); returns it."""
+        entries = self.versions()
+        self._entry(version)
+        for e in entries:
+            if e["version"] == version:
+                e.update(fields)
+                updated = e
+        self._write_index(entries)
+        return updated
 
     def publish(self, state: dict[str, torch.Tensor], version: str, meta: dict | None = None) -> dict:
         """Persist `state` as `version` (a new name) and make it the latest; returns its metadata."""

@@ -260,15 +260,21 @@ class SpeculativeEngine:
         return p, q_ids.to(dev), q_probs.to(dev), uniforms.to(dev), noise.to(dev)
 
     def _record(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor, num_acc: list[int]) -> None:
-        """Offer the tap this step's verified chain blocks (trees are not recorded)."""
-        rows = [i for i, d in enumerate(drafts) if d.tokens and d.parents is None and self.tap.wants()]
+        """Offer the tap this step's verified chain blocks (trees are not recorded).
+
+        A step without a draft is a block too: its one verified position still gives the
+        target's distribution of the next token, the teacher signal a drafter that speculation
+        has switched off needs to earn its way back.
+        """
+        rows = [i for i, d in enumerate(drafts) if d.parents is None and self.tap.wants()]
         if not rows:
             return
         ids, probs = top_k_rows(logits[rows], self.tap.cfg.top_k)
         for j, i in enumerate(rows):
             s, d = seqs[i], drafts[i]
-            self.tap.put(make_record(s.prompt_ids + s.generated, d.tokens, ids[j], probs[j], num_acc[i],
-                                     self.drafter.version(s.seq_id), self.tap.cfg.max_context))
+            version = self.drafter.version(s.seq_id) if self.drafter is not None else ""
+            self.tap.put(make_record(s.prompt_ids + s.generated, d.tokens, ids[j], probs[j], num_acc[i], version,
+                                     self.tap.cfg.max_context))
 
     def _compact(self, seqs: list[Sequence], lengths: list[int], path: torch.Tensor, num_acc: torch.Tensor) -> None:
         """Move each row's accepted tree path into place in the target cache (chains need nothing)."""
