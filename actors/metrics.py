@@ -44,9 +44,10 @@ class VerifierMetrics:
     def on_step(self, report) -> None:
         self.steps.inc()
         self.batch_size.observe(report.batch_size)
-        for version, (drafted, accepted) in report.by_version.items():
+        for version, (drafted, accepted, _) in report.by_version.items():
             tags = {"drafter_version": version or "none"}
-            self.draft_tokens.inc(drafted, tags)
+            if drafted:
+                self.draft_tokens.inc(drafted, tags)
             if accepted:
                 self.accepted_tokens.inc(accepted, tags)
         for i, n in enumerate(report.accepted_per_position):

@@ -50,7 +50,7 @@ class StepReport:
     seconds: float
     drafted: int
     accepted_per_position: list[int]  # accepted drafts at positions 1..k, summed over the batch
-    by_version: dict[str, tuple[int, int]]  # drafter weight version -> (drafted, accepted)
+    by_version: dict[str, tuple[int, int, int]]  # drafter weight version -> (drafted, accepted, empty draft steps)
 
 
 @dataclass(eq=False)
@@ -191,7 +191,7 @@ class Scheduler:
             self.running[req.seq_id] = req
 
     def _step(self) -> None:
-        seqs_before = {i: (s.drafted, s.accepted) for i, s in self.engine.seqs.items()}
+        seqs_before = {i: (s.drafted, s.accepted, s.empty) for i, s in self.engine.seqs.items()}
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
@@ -204,16 +204,16 @@ class Scheduler:
         for out in outputs:
             self._deliver(out)
 
-    def _report(self, before: dict[int, tuple[int, int]], seconds: float) -> StepReport:
+    def _report(self, before: dict[int, tuple[int, int, int]], seconds: float) -> StepReport:
         drafted, per_position, by_version = 0, [], {}
-        for seq_id, (d0, a0) in before.items():
+        for seq_id, (d0, a0, e0) in before.items():
             s = self.engine.seqs[seq_id]
             drafted += s.drafted - d0
             accepted = s.accepted - a0
-            if s.drafted > d0:
+            if s.drafted > d0 or s.empty > e0:
                 v = self._version(seq_id)
-                old = by_version.get(v, (0, 0))
-                by_version[v] = (old[0] + s.drafted - d0, old[1] + accepted)
+                old = by_version.get(v, (0, 0, 0))
+                by_version[v] = (old[0] + s.drafted - d0, old[1] + accepted, old[2] + s.empty - e0)
             per_position.extend([0] * (accepted - len(per_position)))
             for i in range(accepted):
                 per_position[i] += 1

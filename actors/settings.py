@@ -56,6 +56,7 @@ class VerifierSettings:
     tree_nodes: int = 0  # > 0: ask drafters for token trees of up to this many tokens
     kernels: str = "auto"  # kernels/dispatch.py backend
     tap: TapConfig = TapConfig()  # traffic recording for distillation (enabled: ship records to the hub)
+    fixed_k: int | None = None  # draft exactly this many every step (no cost model)
 
 
 @dataclass(frozen=True)

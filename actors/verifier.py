@@ -54,11 +54,11 @@ class Verifier:
         tree_nodes = settings.tree_nodes if models.drafter_kind == "model" else 0
         self.tap = TrafficTap(settings.tap) if settings.tap.enabled else None
         engine = SpeculativeEngine(target, self.tokenizer, self.pool,
-                                   DraftLengthConfig(k_max=settings.k_max, tree_nodes=tree_nodes), kernels=settings.kernels,
+                                   DraftLengthConfig(k_max=settings.k_max, tree_nodes=tree_nodes, fixed_k=settings.fixed_k), kernels=settings.kernels,
                                    tap=self.tap)
         self.metrics = VerifierMetrics()
         self.totals = {"steps": 0, "drafted": 0, "accepted": 0}  # since the replica started
-        self._by_version: dict[str, list[int]] = {}  # drafted/accepted per drafter version, not yet shipped
+        self._by_version: dict[str, list[int]] = {}  # drafted/accepted/empty per drafter version, not yet shipped
         self._by_version_lock = threading.Lock()
         self.scheduler = Scheduler(engine, settings.max_queue, on_step=self._on_step)
         if self.pool is not None:
@@ -110,10 +110,10 @@ class Verifier:
         self.metrics.on_step(report)
         if self.tap is not None:
             with self._by_version_lock:
-                for version, (drafted, accepted) in report.by_version.items():
-                    counts = self._by_version.setdefault(version, [0, 0])
-                    counts[0] += drafted
-                    counts[1] += accepted
+                for version, counts in report.by_version.items():
+                    totals = self._by_version.setdefault(version, [0, 0, 0])
+                    for i, n in enumerate(counts):
+                        totals[i] += n
         if self.pool is not None:
             self.metrics.observe_overheads(self.pool)
 

@@ -31,7 +31,7 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     tap = TapConfig(distill.enabled, **distill.tap.model_dump())
     verifier = VerifierSettings(models, cfg.verifier.max_num_seqs, cfg.verifier.max_seq_len, cfg.verifier.max_queue,
                                 spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)),
-                                tree_nodes=spec.tree_nodes, kernels=spec.kernels, tap=tap)
+                                tree_nodes=spec.tree_nodes, kernels=spec.kernels, tap=tap, fixed_k=spec.fixed_k)
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
                               weight_version=models.base_version, threads=max(1, round(cfg.drafter.num_cpus)),

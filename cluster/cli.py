@@ -43,6 +43,13 @@ def _bench(args: argparse.Namespace) -> int:
         return bench_kernels_main(args)
     from specserve.cluster.local import set_threads
 
+    if args.distill:
+        from specserve.cluster.bench_distill import bench_distill_main
+
+        args.out = args.out or "runs/bench_distill.json"
+        args.max_tokens = args.max_tokens or 32
+        return bench_distill_main(args)
+    args.max_tokens = args.max_tokens or 128
     if args.serving:
         from specserve.cluster.bench_serving import bench_serving_main
 
@@ -85,7 +92,8 @@ def _add_generate(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark plain vs speculative decoding (in-process and HF peer, or --serving)")
     p.add_argument("--prompts", type=int, default=8, help="number of held-out code prompts (--serving: per level)")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens generated per prompt (default 128; --distill: 32)")
     p.add_argument("--k-max", type=int, default=8, help="longest draft block")
     p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence threshold")
     p.add_argument("--seed", type=int, default=0, help="prompt selection seed")
@@ -98,7 +106,8 @@ def _add_bench(sub) -> None:
                    help="benchmark the deployed system through gRPC: plain vs synchronous vs pipelined drafting")
     p.add_argument("--concurrency", default="1,4,16,32", help="--serving: concurrency levels")
     p.add_argument("--rounds", type=int, default=3, help="--serving: rounds per level (variants interleaved)")
-    p.add_argument("--port", type=int, default=50061, help="--serving: gRPC port of the local benchmark cluster")
+    p.add_argument("--port", type=int, default=50061,
+                   help="--serving/--distill: gRPC port of the local benchmark cluster")
     p.add_argument("--drafter", default="model", choices=["model", "ngram"],
                    help="--serving: the speculative variants' drafter")
     p.add_argument("--trees", action="store_true",
@@ -107,6 +116,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--branching", type=int, default=4, help="--trees: most children per tree node")
     p.add_argument("--temperature", type=float, default=0.0, help="--trees: 0 = greedy, > 0 = sampled requests")
     p.add_argument("--device", default="cpu", help="--trees: cpu or cuda")
+    p.add_argument("--distill", action="store_true",
+                   help="online distillation on a shifted workload (local cluster): acceptance and tok/s over time")
+    p.add_argument("--requests", type=int, default=2000, help="--distill: requests served while training")
+    p.add_argument("--window", type=int, default=100, help="--distill: requests per measurement window")
+    p.add_argument("--clients", type=int, default=8, help="--distill: concurrent requests")
+    p.add_argument("--after-rounds", type=int, default=2,
+                   help="--distill: paused/training window pairs measured after the training phase")
     p.add_argument("--kernels", action="store_true",
                    help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
     p.set_defaults(func=_bench)

@@ -114,6 +114,9 @@ class SpeculationConfig(Strict):
     tree_nodes: int = Field(0, ge=0, le=63, description=(
         "> 0: the model drafter drafts token trees of up to this many tokens (depth = the chosen draft "
         "length) instead of chains; 0 = chains."))
+    fixed_k: int | None = Field(None, ge=1, le=32, description=(
+        "Draft exactly this many tokens every step instead of the cost model's choice (the drafter's "
+        "confidence stop still applies); for studies of drafter quality such as `bench --distill`."))
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description=(
         "Verification and cache kernels: auto = Triton on CUDA devices, the torch reference on CPUs."))
 
@@ -158,7 +161,8 @@ class DistillConfig(Strict):
     canary_fraction: float = Field(0.5, gt=0, le=1, description=(
         "Share of drafter replicas (at least one) that run a new version before the whole pool."))
     canary_min_drafted: int = Field(400, ge=1, description=(
-        "Draft tokens the canary must have had verified before it is promoted or rolled back."))
+        "Draft trials (draft tokens verified, plus draft steps that came back empty) the canary must have "
+        "had before it is promoted or rolled back."))
     rollback_margin: float = Field(0.05, ge=0, le=1, description=(
         "The canary is rolled back when its live acceptance falls below the stable version's by more than this."))
     canary_max_s: float = Field(120.0, gt=0, description=(

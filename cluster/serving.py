@@ -128,7 +128,9 @@ def status() -> dict:
 
 
 def shutdown() -> None:
-    """Tear the application and Serve down, then disconnect."""
+    """Tear the application and Serve down, then disconnect (nothing to do when not connected)."""
+    if not ray.is_initialized():
+        return
     try:
         serve.shutdown()
     finally:

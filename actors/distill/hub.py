@@ -8,7 +8,7 @@
   not rolled back.
 - **Live acceptance per version**, reported by the verifiers (draft tokens verified and kept).
 - **Canary.** A new version first goes to `canary_fraction` of the drafter replicas (at least
-  one). Once it has had `canary_min_drafted` draft tokens verified it is promoted to every
+  one). Once it has had `canary_min_drafted` draft trials verified (see Ledger) it is promoted to every
   replica, or rolled back automatically when its acceptance is below the stable version's by
   more than `rollback_margin`. The stable version's acceptance is taken over the same window
   (other replicas, same traffic) when it had enough drafts there, else over its history. A
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 HUB_NAME = "specserve-distill-hub"
 NAMESPACE = "specserve"
 REPLICA_TTL_S = 15.0  # a drafter not heard from for this long no longer counts for the canary
+MIN_EVIDENCE = 20  # verified canary drafts below which a timed-out canary is judged on the gate alone
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,24 @@ class HubSettings:
 
 @dataclass
 class Ledger:
-    """Draft tokens verified and accepted for one version."""
+    """Draft tokens verified and accepted for one version, and draft steps that came back empty.
+
+    Live acceptance counts an empty draft step (the drafter asked for tokens and its confidence
+    stop, or a deadline, gave none) as one rejected draft token, as the engine's own acceptance
+    tracker does: otherwise a drafter too unsure to ever draft would look perfect.
+    """
 
     drafted: int = 0
     accepted: int = 0
+    empty: int = 0
+
+    @property
+    def trials(self) -> int:
+        return self.drafted + self.empty
 
     @property
     def alpha(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
+        return self.accepted / self.trials if self.trials else None
 
 
 @dataclass
@@ -78,6 +89,8 @@ class TrainerReport:
     rounds: int = 0
     rejected: int = 0  # candidates the gate did not publish
     starts: int = 0  # times the training loop started (more than one: the worker was restarted)
+    live_version: str | None = None  # the live version the loop last loaded
+    worker: str | None = None  # node id and pid of the training worker process
     updated_s: float = field(default_factory=time.time)
 
 
@@ -92,6 +105,7 @@ class DistillHub:
         self.canary: str | None = None
         self._canary_since = 0.0
         self.paused = False
+        self.publishing_held = False
         self.inbox: collections.deque = collections.deque()
         self.counts = {"received": 0, "inbox_dropped": 0, "tap_dropped": 0, "pulled": 0, "publishes": 0,
                        "rollbacks": 0, "promotions": 0}
@@ -104,8 +118,8 @@ class DistillHub:
         log.info("distill hub: store %s, stable version %s", settings.store_path, self.stable)
 
     # -- verifiers ----------------------------------------------------------------------------
-    def ingest(self, records: list, by_version: dict[str, tuple[int, int]], tap_dropped: int = 0) -> None:
-        """Records a verifier's tap drained, and its draft/accept counts per drafter version."""
+    def ingest(self, records: list, by_version: dict[str, tuple[int, int, int]], tap_dropped: int = 0) -> None:
+        """Records a verifier's tap drained, and its (drafted, accepted, empty) counts per drafter version."""
         for r in records:
             if len(self.inbox) >= self.settings.inbox_capacity:
                 self.inbox.popleft()
@@ -113,10 +127,11 @@ class DistillHub:
             self.inbox.append(r)
         self.counts["received"] += len(records)
         self.counts["tap_dropped"] += tap_dropped
-        for version, (drafted, accepted) in by_version.items():
+        for version, (drafted, accepted, empty) in by_version.items():
             for ledger in (self.total[version], self.window[version]):
                 ledger.drafted += drafted
                 ledger.accepted += accepted
+                ledger.empty += empty
         self._metrics.on_ingest(len(records), tap_dropped, self.total)
         self._judge_canary()
 
@@ -146,12 +161,17 @@ class DistillHub:
                 "paused": self.paused}
 
     def can_publish(self) -> bool:
-        """Whether a new version would be accepted now (no canary under evaluation, not paused)."""
-        return self.canary is None and not self.paused
+        """Whether a new version would be accepted now (no canary under evaluation, not paused
+        or held)."""
+        return self.canary is None and not self.paused and not self.publishing_held
 
-    def publish(self, state: dict, meta: dict) -> str | None:
-        """Persist a gated candidate as the next version and start its canary; None if busy."""
-        if not self.can_publish():
+    def publish(self, state: dict, meta: dict, force: bool = False) -> str | None:
+        """Persist a gated candidate as the next version and start its canary; None if busy.
+
+        force: publish even while training is paused or publishing held (an operator's weights);
+        a canary under evaluation still refuses it.
+        """
+        if self.canary is not None or not (force or self.can_publish()):
             return None
         version = f"distilled-{len(self.store.versions()) + 1}"
         self.store.publish(state, version, {**meta, "parent": self.stable, "promoted": False})
@@ -203,12 +223,16 @@ class DistillHub:
         """Pause or resume training and publishing (serving and the inbox go on)."""
         self.paused = paused
 
+    def hold_publishing(self, held: bool) -> None:
+        """Keep training but publish nothing (the live weights stay; for side-by-side measurements)."""
+        self.publishing_held = held
+
     def status(self) -> dict:
         """Everything `specserve distill status` shows."""
         return {
             "stable": self.stable, "canary": self.canary, "paused": self.paused,
             "inbox": len(self.inbox), **self.counts,
-            "acceptance": {v: {"drafted": lg.drafted, "accepted": lg.accepted,
+            "acceptance": {v: {"drafted": lg.drafted, "accepted": lg.accepted, "empty": lg.empty,
                                "alpha": None if lg.alpha is None else round(lg.alpha, 4)}
                            for v, lg in sorted(self.total.items())},
             "replicas": {r: v for r, (v, _) in sorted(self.replicas.items())},
@@ -233,12 +257,13 @@ class DistillHub:
         if self.canary is None:
             return
         canary = self.window[self.canary]
-        if canary.drafted < self.settings.canary_min_drafted:
+        if canary.trials < self.settings.canary_min_drafted:
             if time.monotonic() - self._canary_since < self.settings.canary_max_s:
                 return
-            canary = Ledger()  # too little live evidence: promote on the gate's
+            if canary.trials < MIN_EVIDENCE:
+                canary = Ledger()  # no live evidence: promote on the gate's
         here = self.window[self.stable]
-        stable = here if here.drafted >= self.settings.canary_min_drafted // 4 else self.total[self.stable]
+        stable = here if here.trials >= self.settings.canary_min_drafted // 4 else self.total[self.stable]
         if None not in (stable.alpha, canary.alpha) and canary.alpha < stable.alpha - self.settings.rollback_margin:
             reason = f"live acceptance {canary.alpha:.3f} below {self.stable}'s {stable.alpha:.3f}"
             self.store.rollback(self.canary, reason)

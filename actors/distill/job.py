@@ -16,6 +16,7 @@ records it had buffered are lost, the traffic keeps coming.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -82,7 +83,8 @@ class Distiller:
         self.live_version: str | None = None
         self.published: str | None = None  # the student's last published version
         self.report = {"steps": 0, "loss": None, "candidate_score": None, "live_score": None, "rounds": 0,
-                       "rejected": 0}
+                       "rejected": 0, "live_version": None,
+                       "worker": f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"}
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.student.parameters(), lr=self.spec.learning_rate)
@@ -112,7 +114,7 @@ class Distiller:
             self.student.load_state_dict(state)
             self.optimizer = self._optimizer()
         log.info("distiller follows live drafter version %s", live["version"])
-        self.live_version = live["version"]
+        self.live_version = self.report["live_version"] = live["version"]
 
     def ingest(self) -> None:
         """Move every record waiting in the hub into the replay buffer."""

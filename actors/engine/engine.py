@@ -47,6 +47,7 @@ class Sequence:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    empty: int = 0  # steps that asked the drafter for tokens and got none (its confidence stop, a late draft)
     finish_reason: str | None = None
 
     def stats(self) -> SpecStats:
@@ -292,6 +293,7 @@ class SpeculativeEngine:
         seq.drafted += len(draft.tokens)
         seq.accepted += accepted
         seq.steps += 1
+        seq.empty += int(draft.requested > 0 and not draft.tokens)
         seq.tracker.observe(_tested(draft, accepted, path), accepted, speculation_off=draft.requested == 0)
         kept = [draft.tokens[i] for i in path] if path is not None else draft.tokens[:accepted]
         emitted = []

@@ -1,0 +1,204 @@
+"""`specserve bench --distill`: online distillation on a shifted workload, measured while serving.
+
+A local cluster serves the demo pair with distillation on, starting from the shipped demo
+drafter (a fresh version store). The workload is shifted: prompts are windows of Python
+sources of installed third-party packages, code the demo models never trained on (they saw
+the standard library). Phases, all through gRPC at a fixed concurrency, greedy requests:
+
+1. before: `window` requests with training paused (the demo drafter as shipped);
+2. training: `requests` requests in windows of `window`; after each window the live drafter
+   version, the trainer's numbers and the gate scores are read from the hub;
+3. after: publishing is held (the weights stay those learned within the training phase) and
+   windows alternate between training paused and training running, `after_rounds` each, so
+   that the throughput cost of training is measured side by side on the same weights.
+
+Speculation drafts a fixed k = 4 every step (`speculation.fixed_k`; the drafter's confidence
+stop still applies), so that every window measures the drafter: with the cost model on, the
+shipped drafter's acceptance on this workload is too low for speculation to pay at all and it
+would mostly be switched off. Acceptance = accepted / drafted over the window's replies;
+tokens/s = the window's tokens over its wall time. Prints a table, writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+
+from specserve.cluster.bench_serving import LevelTotals, _run_level
+from specserve.cluster.reporting import text_table, write_report
+
+PROMPT_TOKENS = 64
+FIXED_K = 4
+
+
+def shifted_prompts(tokenizer, count: int, seed: int = 0, length: int = PROMPT_TOKENS) -> list[list[int]]:
+    """`count` windows of `length` tokens from third-party package sources (not the stdlib)."""
+    from specserve.actors.demo.corpus import third_party_files
+
+    files = third_party_files()
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    prompts: list[list[int]] = []
+    for f in files:
+        ids = tokenizer.encode(f.text, add_special_tokens=False)
+        for _ in range(min(4, len(ids) // (4 * length))):  # a few windows per file, from long files only
+            start = rng.randrange(0, len(ids) - length)
+            prompts.append(ids[start : start + length])
+        if len(prompts) >= count:
+            return prompts[:count]
+    raise ValueError(f"only {len(prompts)} shifted prompts on this machine, {count} wanted")
+
+
+def _config(port: int, store: str, concurrency: int):
+    from specserve.cluster.config import parse_config
+
+    return parse_config({
+        "verifier": {"num_cpus": 1, "max_num_seqs": concurrency, "max_queue": 2 * concurrency, "max_seq_len": 512},
+        "drafter": {"num_cpus": 0.5, "replicas": 1, "host": "127.0.0.1"},
+        "distill": {"enabled": True, "store_path": store, "num_cpus": 0.5},
+        # every step drafts FIXED_K tokens (less where the drafter's confidence stops it), so the
+        # windows compare drafter quality; the cost model would switch the shipped drafter off here
+        "speculation": {"fixed_k": FIXED_K},
+        "server": {"grpc_port": port},
+    })
+
+
+def _window(address: str, prompts, max_tokens: int, concurrency: int, hub, phase: str, served: int) -> dict:
+    import ray
+
+    totals = LevelTotals()
+    _run_level(address, "specserve", prompts, max_tokens, concurrency, totals)
+    st = ray.get(hub.status.remote(), timeout=30)
+    t = st["trainer"]
+    return {"phase": phase, "served": served + len(prompts), "requests": len(prompts), "failed": totals.failed,
+            "tokens_per_s": round(totals.tokens / totals.seconds, 2),
+            "acceptance_rate": round(totals.accepted / totals.drafted, 4) if totals.drafted else None,
+            "drafted_per_token": round(totals.drafted / totals.tokens, 4) if totals.tokens else None,
+            "tokens_per_step": round(totals.tokens / totals.steps, 4) if totals.steps else None,
+            "live_version": st["stable"], "canary": st["canary"], "train_steps": t["steps"],
+            "gate_candidate": _r(t["candidate_score"]), "gate_live": _r(t["live_score"]),
+            "received": st["received"], "dropped": st["tap_dropped"] + st["inbox_dropped"]}
+
+
+def _r(x):
+    return None if x is None else round(x, 4)
+
+
+def run_bench_distill(requests: int, window: int, concurrency: int, max_tokens: int, after_rounds: int, port: int,
+                      progress=print) -> dict:
+    """Run the three phases on a local cluster; returns the report."""
+    import ray
+
+    from specserve.actors.demo import demo_path
+    from specserve.actors.distill.hub import get_hub
+    from specserve.actors.engine.build import load_tokenizer
+    from specserve.cluster import serving
+
+    store = tempfile.mkdtemp(prefix="specserve-bench-versions-")
+    cfg = _config(port, store, concurrency)
+    total = window + requests + 2 * after_rounds * window + 2 * concurrency
+    prompts = shifted_prompts(load_tokenizer(demo_path("target")), total)
+    serving.connect(None, num_cpus=4)
+    rows: list[dict] = []
+    try:
+        serving.deploy(cfg, progress=progress)
+        hub, address = get_hub(), f"127.0.0.1:{port}"
+        ray.get(hub.set_paused.remote(True))
+        _run_level(address, "specserve", prompts[: 2 * concurrency], 8, concurrency, LevelTotals())  # warm-up
+        at, served = 2 * concurrency, 0
+
+        def run(phase: str, n: int) -> None:
+            nonlocal at, served
+            row = _window(address, prompts[at : at + n], max_tokens, concurrency, hub, phase, served)
+            at, served = at + n, served + n
+            rows.append(row)
+            progress(f"{phase:>8}: {row['served']:>5} served  {row['tokens_per_s']:7.1f} tok/s  "
+                     f"acceptance {row['acceptance_rate']}  live {row['live_version']}  steps {row['train_steps']}")
+
+        run("before", window)
+        ray.get(hub.set_paused.remote(False))
+        for _ in range(requests // window):
+            run("training", window)
+        ray.get(hub.hold_publishing.remote(True))
+        for _ in range(after_rounds):
+            ray.get(hub.set_paused.remote(True))
+            run("paused", window)
+            ray.get(hub.set_paused.remote(False))
+            run("training", window)
+        versions = ray.get(hub.versions.remote())
+    finally:
+        serving.shutdown()
+    return {"config": {"requests": requests, "window": window, "concurrency": concurrency, "max_tokens": max_tokens,
+                       "after_rounds": after_rounds, "distill": cfg.distill.model_dump(mode="json")},
+            "rows": rows, "versions": versions, "summary": summarize(rows, requests // window)}
+
+
+def summarize(rows: list[dict], training_windows: int) -> dict:
+    """Before vs after (training paused, weights learned within the training phase) and the
+    throughput ratio of training running vs paused on the same weights."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    before = rows[0]
+    after_rows = rows[1 + training_windows:]
+    paused = [r for r in after_rows if r["phase"] == "paused"]
+    training = [r for r in after_rows if r["phase"] == "training"]
+    out = {"acceptance_before": before["acceptance_rate"], "tokens_per_s_before": before["tokens_per_s"],
+           "acceptance_after": _r(mean([r["acceptance_rate"] for r in paused])),
+           "tokens_per_s_after": _r(mean([r["tokens_per_s"] for r in paused])),
+           "tokens_per_s_during_training": _r(mean([r["tokens_per_s"] for r in training])),
+           "failed": sum(r["failed"] for r in rows)}
+    if out["acceptance_after"] is not None and before["acceptance_rate"] is not None:
+        out["acceptance_gain"] = _r(out["acceptance_after"] - before["acceptance_rate"])
+    if out["tokens_per_s_after"]:
+        out["speedup_after_vs_before"] = _r(out["tokens_per_s_after"] / before["tokens_per_s"])
+        if out["tokens_per_s_during_training"]:
+            out["training_throughput_ratio"] = _r(out["tokens_per_s_during_training"] / out["tokens_per_s_after"])
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    """Acceptance and tokens/s against requests served (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    x = [r["served"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    ax1.plot(x, [r["acceptance_rate"] for r in rows], marker="o")
+    ax1.set_ylabel("acceptance rate")
+    ax1.set_title("Online distillation on shifted traffic (demo pair, CPU)")
+    ax2.plot(x, [r["tokens_per_s"] for r in rows], marker="o", color="tab:green")
+    ax2.set_ylabel("tokens/s")
+    ax2.set_xlabel("requests served")
+    versions = [(r["served"], r["live_version"]) for i, r in enumerate(rows)
+                if i and r["live_version"] != rows[i - 1]["live_version"]]
+    for served, version in versions:
+        for ax in (ax1, ax2):
+            ax.axvline(served, color="grey", linestyle=":", linewidth=0.8)
+        ax1.annotate(version, (served, ax1.get_ylim()[0]), rotation=90, fontsize=7, va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def format_table(report: dict) -> str:
+    cols = ["phase", "served", "tokens_per_s", "acceptance_rate", "drafted_per_token", "tokens_per_step",
+            "live_version", "train_steps", "gate_candidate", "gate_live", "failed"]
+    head = ["phase", "served", "tok/s", "accept", "draft/tok", "tok/step", "live", "steps", "gate_cand",
+            "gate_live", "failed"]
+    summary = "\n".join(f"{k}: {v}" for k, v in report["summary"].items())
+    return text_table(report["rows"], cols, head, 12) + "\n" + summary
+
+
+def bench_distill_main(args) -> int:
+    """CLI entry: run, print the table, write JSON and the plot next to it."""
+    report = run_bench_distill(args.requests, args.window, args.clients, args.max_tokens,
+                               args.after_rounds, args.port)
+    png = str(args.out).removesuffix(".json") + ".png"
+    plot(report, png)
+    report["plot"] = png
+    write_report(report, format_table(report), args.out)
+    return 0
