@@ -3,19 +3,26 @@
 A local cluster serves the demo pair with distillation on, starting from the shipped demo
 drafter (a fresh version store). The workload is shifted: prompts are windows of Python
 sources of installed third-party packages, code the demo models never trained on (they saw
-the standard library). Phases, all through gRPC at a fixed concurrency, greedy requests:
+the standard library). All requests go through gRPC at a fixed concurrency, greedy. One fixed
+evaluation set of `window` prompts is served at the start and at the end, so before and after
+compare the same requests:
 
-1. before: `window` requests with training paused (the demo drafter as shipped);
-2. training: `requests` requests in windows of `window`; after each window the live drafter
-   version, the trainer's numbers and the gate scores are read from the hub;
+1. before: the evaluation set with training paused (the demo drafter as shipped);
+2. training: `requests` new requests in windows of `window`; after each window the live
+   drafter version, the trainer's numbers and the gate scores are read from the hub;
 3. after: publishing is held (the weights stay those learned within the training phase) and
-   windows alternate between training paused and training running, `after_rounds` each, so
-   that the throughput cost of training is measured side by side on the same weights.
+   the evaluation set is served `after_rounds` times with training paused and as many times
+   with it running, alternating, so that the throughput cost of training is measured side by
+   side on the same weights and requests;
+4. plain: the evaluation set through a second application on the same cluster that decodes
+   with the target alone (no drafter), for reference.
 
-Speculation drafts a fixed k = 4 every step (`speculation.fixed_k`; the drafter's confidence
-stop still applies), so that every window measures the drafter: with the cost model on, the
-shipped drafter's acceptance on this workload is too low for speculation to pay at all and it
-would mostly be switched off. Acceptance = accepted / drafted over the window's replies;
+Speculation drafts exactly k = 4 tokens every step (`speculation.fixed_k`, confidence stop
+off), so that every window measures the drafter the same way: acceptance is then the plain
+per-token acceptance rate alpha. With the cost model on, the shipped drafter's acceptance on
+this workload is too low for speculation to pay, and it would mostly be switched off; with
+the confidence stop on, it drafts only the tokens it is sure of, and accepted / drafted says
+little. Acceptance = accepted / drafted over the window's replies;
 tokens/s = the window's tokens over its wall time. Prints a table, writes JSON and a PNG plot.
 """
 
@@ -56,18 +63,18 @@ def _config(port: int, store: str, concurrency: int):
         "verifier": {"num_cpus": 1, "max_num_seqs": concurrency, "max_queue": 2 * concurrency, "max_seq_len": 512},
         "drafter": {"num_cpus": 0.5, "replicas": 1, "host": "127.0.0.1"},
         "distill": {"enabled": True, "store_path": store, "num_cpus": 0.5},
-        # every step drafts FIXED_K tokens (less where the drafter's confidence stops it), so the
-        # windows compare drafter quality; the cost model would switch the shipped drafter off here
-        "speculation": {"fixed_k": FIXED_K},
+        # every step drafts exactly FIXED_K tokens, so the windows compare drafter quality (module doc)
+        "speculation": {"fixed_k": FIXED_K, "confidence_threshold": 0.0},
         "server": {"grpc_port": port},
     })
 
 
-def _window(address: str, prompts, max_tokens: int, concurrency: int, hub, phase: str, served: int) -> dict:
+def _window(address: str, prompts, max_tokens: int, concurrency: int, hub, phase: str, served: int,
+            app: str = "specserve") -> dict:
     import ray
 
     totals = LevelTotals()
-    _run_level(address, "specserve", prompts, max_tokens, concurrency, totals)
+    _run_level(address, app, prompts, max_tokens, concurrency, totals)
     st = ray.get(hub.status.remote(), timeout=30)
     t = st["trainer"]
     return {"phase": phase, "served": served + len(prompts), "requests": len(prompts), "failed": totals.failed,
@@ -96,46 +103,53 @@ def run_bench_distill(requests: int, window: int, concurrency: int, max_tokens: 
 
     store = tempfile.mkdtemp(prefix="specserve-bench-versions-")
     cfg = _config(port, store, concurrency)
-    total = window + requests + 2 * after_rounds * window + 2 * concurrency
-    prompts = shifted_prompts(load_tokenizer(demo_path("target")), total)
+    prompts = shifted_prompts(load_tokenizer(demo_path("target")), 2 * concurrency + window + requests)
+    warmup, evaluation, traffic = (prompts[: 2 * concurrency], prompts[2 * concurrency : 2 * concurrency + window],
+                                   prompts[2 * concurrency + window :])
     serving.connect(None, num_cpus=4)
     rows: list[dict] = []
     try:
-        serving.deploy(cfg, progress=progress)
+        plain = cfg.model_copy(update={"models": cfg.models.model_copy(update={"drafter": "none"}),
+                                       "distill": cfg.distill.model_copy(update={"enabled": False})})
+        serving.deploy(cfg, progress=progress, applications=[cfg.application(), plain.application("plain", "/plain")])
         hub, address = get_hub(), f"127.0.0.1:{port}"
         ray.get(hub.set_paused.remote(True))
-        _run_level(address, "specserve", prompts[: 2 * concurrency], 8, concurrency, LevelTotals())  # warm-up
-        at, served = 2 * concurrency, 0
+        for app in ("specserve", "plain"):
+            _run_level(address, app, warmup, 8, concurrency, LevelTotals())
+        served = 0
 
-        def run(phase: str, n: int) -> None:
-            nonlocal at, served
-            row = _window(address, prompts[at : at + n], max_tokens, concurrency, hub, phase, served)
-            at, served = at + n, served + n
+        def run(phase: str, batch: list[list[int]], app: str = "specserve") -> None:
+            nonlocal served
+            row = _window(address, batch, max_tokens, concurrency, hub, phase, served, app)
+            served += len(batch)
             rows.append(row)
             progress(f"{phase:>8}: {row['served']:>5} served  {row['tokens_per_s']:7.1f} tok/s  "
                      f"acceptance {row['acceptance_rate']}  live {row['live_version']}  steps {row['train_steps']}")
 
-        run("before", window)
+        run("before", evaluation)
         ray.get(hub.set_paused.remote(False))
-        for _ in range(requests // window):
-            run("training", window)
+        for start in range(0, requests, window):
+            run("training", traffic[start : start + window])
         ray.get(hub.hold_publishing.remote(True))
         for _ in range(after_rounds):
             ray.get(hub.set_paused.remote(True))
-            run("paused", window)
+            run("paused", evaluation)
             ray.get(hub.set_paused.remote(False))
-            run("training", window)
+            run("training", evaluation)
+        ray.get(hub.set_paused.remote(True))
+        run("plain", evaluation, app="plain")  # the target alone on the same requests, for reference
         versions = ray.get(hub.versions.remote())
     finally:
         serving.shutdown()
     return {"config": {"requests": requests, "window": window, "concurrency": concurrency, "max_tokens": max_tokens,
                        "after_rounds": after_rounds, "distill": cfg.distill.model_dump(mode="json")},
-            "rows": rows, "versions": versions, "summary": summarize(rows, requests // window)}
+            "rows": rows, "versions": versions, "summary": summarize(rows, -(-requests // window))}
 
 
 def summarize(rows: list[dict], training_windows: int) -> dict:
-    """Before vs after (training paused, weights learned within the training phase) and the
-    throughput ratio of training running vs paused on the same weights."""
+    """Before vs after on the evaluation set (after: training paused, the weights learned within
+    the training phase), and the throughput ratio of training running vs paused on the same
+    weights and requests."""
     def mean(values):
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
@@ -143,11 +157,13 @@ def summarize(rows: list[dict], training_windows: int) -> dict:
     before = rows[0]
     after_rows = rows[1 + training_windows:]
     paused = [r for r in after_rows if r["phase"] == "paused"]
+    plain = [r for r in after_rows if r["phase"] == "plain"]
     training = [r for r in after_rows if r["phase"] == "training"]
     out = {"acceptance_before": before["acceptance_rate"], "tokens_per_s_before": before["tokens_per_s"],
            "acceptance_after": _r(mean([r["acceptance_rate"] for r in paused])),
            "tokens_per_s_after": _r(mean([r["tokens_per_s"] for r in paused])),
            "tokens_per_s_during_training": _r(mean([r["tokens_per_s"] for r in training])),
+           "plain_tokens_per_s": _r(mean([r["tokens_per_s"] for r in plain])),
            "failed": sum(r["failed"] for r in rows)}
     if out["acceptance_after"] is not None and before["acceptance_rate"] is not None:
         out["acceptance_gain"] = _r(out["acceptance_after"] - before["acceptance_rate"])
@@ -165,13 +181,17 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if r["phase"] != "plain"]
     x = [r["served"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     ax1.plot(x, [r["acceptance_rate"] for r in rows], marker="o")
     ax1.set_ylabel("acceptance rate")
     ax1.set_title("Online distillation on shifted traffic (demo pair, CPU)")
     ax2.plot(x, [r["tokens_per_s"] for r in rows], marker="o", color="tab:green")
+    plain = report["summary"].get("plain_tokens_per_s")
+    if plain:
+        ax2.axhline(plain, color="grey", linestyle="--", linewidth=0.8, label="target alone")
+        ax2.legend(loc="lower right")
     ax2.set_ylabel("tokens/s")
     ax2.set_xlabel("requests served")
     versions = [(r["served"], r["live_version"]) for i, r in enumerate(rows)

@@ -130,7 +130,7 @@ class TapSettings(Strict):
         "Records a verifier holds until they are shipped to the distiller; beyond, the oldest are dropped "
         "(counted)."))
     max_age_s: float = Field(600.0, gt=0, description="Records older than this are dropped unshipped (retention).")
-    max_context: int = Field(256, ge=1, description="Context tokens kept per record (the most recent ones).")
+    max_context: int = Field(128, ge=1, description="Context tokens kept per record (the most recent ones).")
 
 
 class DistillConfig(Strict):
