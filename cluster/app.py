@@ -49,7 +49,8 @@ def distill_specs(cfg: SpecserveConfig) -> tuple[HubSettings, DistillSpec]:
     hub = HubSettings(str(store), models.base_version, d.canary_fraction, d.canary_min_drafted, d.rollback_margin,
                       d.canary_max_s, inbox_capacity=d.buffer_capacity)
     spec = DistillSpec(str(models.drafter_path), ModelRunner.vocab_size_of(models.target_path), str(store / "train"),
-                       d.loss, d.learning_rate, d.batch_size, d.max_len, d.rejected_weight, d.steps_per_round,
+                       d.loss, d.learning_rate, d.batch_size, d.max_len, d.rejected_weight, d.teacher_temperature,
+                       d.steps_per_round,
                        d.min_records, d.buffer_capacity, d.half_life_records, d.holdout_fraction, d.gate_margin,
                        d.duty_cycle, d.num_cpus, d.num_gpus, d.threads)
     return hub, spec

@@ -147,6 +147,9 @@ class DistillConfig(Strict):
     batch_size: int = Field(16, ge=1, description="Records per training step.")
     max_len: int = Field(128, ge=16, description="Tokens per training row (context tail + draft).")
     rejected_weight: float = Field(3.0, ge=0, description="Loss weight of the first rejected position (OSD).")
+    teacher_temperature: float = Field(1.0, gt=0, le=1, description=(
+        "Recorded p is sharpened to this temperature for training and the gate; < 1 concentrates the "
+        "drafter on the target's first choice, which is all greedy requests use."))
     steps_per_round: int = Field(50, ge=1, description="Training steps between two gate evaluations.")
     min_records: int = Field(256, ge=1, description="Records in the buffer before training starts.")
     buffer_capacity: int = Field(20000, ge=16, description="Replay buffer size (records); the oldest leave first.")

@@ -21,7 +21,7 @@ from specserve.actors.distill.trainer import supervised_logits
 
 @torch.no_grad()
 def score(model: torch.nn.Module, records: Sequence[TrafficRecord], vocab: int, device: torch.device | str,
-          batch_size: int = 32, max_len: int = 512) -> float:
+          batch_size: int = 32, max_len: int = 512, teacher_temperature: float = 1.0) -> float:
     """Mean expected acceptance of `model` as a drafter over every verified position of `records`.
 
     The model runs in eval mode (its caller's mode is restored); rows longer than `max_len`
@@ -34,7 +34,8 @@ def score(model: torch.nn.Module, records: Sequence[TrafficRecord], vocab: int, 
     total = torch.zeros((), dtype=torch.float64, device=device)
     positions = 0
     for start in range(0, len(records), batch_size):
-        batch = batch_records(records[start : start + batch_size], vocab, max_len).to(device)
+        batch = batch_records(records[start : start + batch_size], vocab, max_len,
+                              teacher_temperature=teacher_temperature).to(device)
         q = torch.softmax(supervised_logits(model, batch).float(), dim=-1)  # [n, vocab]
         total += expected_acceptance(batch.targets, q).sum()
         positions += len(batch.rows)
@@ -66,8 +67,9 @@ class Gate:
         return candidate_score > live_score + self.margin
 
     def evaluate(self, candidate: torch.nn.Module, live: torch.nn.Module, records: Sequence[TrafficRecord],
-                 vocab: int, device: torch.device | str, max_len: int = 512) -> GateResult:
-        """Score both models on the same held-out `records` and decide."""
-        cand = score(candidate, records, vocab, device, max_len=max_len)
-        live_score = score(live, records, vocab, device, max_len=max_len)
+                 vocab: int, device: torch.device | str, max_len: int = 512,
+                 teacher_temperature: float = 1.0) -> GateResult:
+        """Score both models on the same held-out `records` (p sharpened as in training) and decide."""
+        cand = score(candidate, records, vocab, device, max_len=max_len, teacher_temperature=teacher_temperature)
+        live_score = score(live, records, vocab, device, max_len=max_len, teacher_temperature=teacher_temperature)
         return GateResult(cand, live_score, self.margin, self.decide(cand, live_score))

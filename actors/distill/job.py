@@ -46,6 +46,7 @@ class DistillSpec:
     batch_size: int = 16
     max_len: int = 128
     rejected_weight: float = 3.0
+    teacher_temperature: float = 1.0
     steps_per_round: int = 50
     min_records: int = 256
     buffer_capacity: int = 20000
@@ -135,7 +136,7 @@ class Distiller:
         for _ in range(s.steps_per_round):
             t0 = time.perf_counter()
             [loss] = distill_steps(self.student, self.optimizer, self.buffer, 1, s.batch_size, s.loss, s.vocab,
-                                   s.max_len, self.generator, s.rejected_weight)
+                                   s.max_len, self.generator, s.rejected_weight, s.teacher_temperature)
             self.report["steps"] += 1
             self.report["loss"] = loss
             time.sleep(idle * (time.perf_counter() - t0))
@@ -144,7 +145,7 @@ class Distiller:
         """Score student and live on held-out traffic; publish the student if the gate says so."""
         held_out = self.buffer.holdout()[-GATE_RECORDS:]
         result = self.gate.evaluate(self.student, self.live, held_out, self.spec.vocab, self.device,
-                                    self.spec.max_len)
+                                    self.spec.max_len, self.spec.teacher_temperature)
         self.report.update(rounds=self.report["rounds"] + 1, candidate_score=result.candidate_score,
                            live_score=result.live_score)
         if not result.publish or not ray.get(self.hub.can_publish.remote()):

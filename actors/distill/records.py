@@ -86,13 +86,30 @@ def position_weights(k: int, accepted: int, rejected_weight: float = 3.0,
     return weights + [after_rejection_weight] * (k - accepted)
 
 
+def sharpen(targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Target rows raised to 1/temperature and renormalised.  # [n, vocab]
+
+    temperature 1 leaves p as recorded; below 1 moves mass toward each row's argmax, the only
+    token that matters for greedy requests (-> 0: all of it), so a small drafter spends its
+    capacity on the target's first choice rather than on the shape of its tail.
+    """
+    if temperature <= 0:
+        raise ValueError(f"teacher temperature must be > 0, got {temperature}")
+    if temperature == 1.0:
+        return targets
+    peaked = targets / targets.amax(dim=-1, keepdim=True)  # in [0, 1]: no overflow for small T
+    peaked = peaked ** (1.0 / temperature)
+    return peaked / peaked.sum(dim=-1, keepdim=True)
+
+
 def batch_records(records: Sequence[TrafficRecord], vocab: int, max_len: int, rejected_weight: float = 3.0,
-                  after_rejection_weight: float = 1.0, pad_id: int = 0) -> TrainBatch:
+                  after_rejection_weight: float = 1.0, pad_id: int = 0,
+                  teacher_temperature: float = 1.0) -> TrainBatch:
     """Collate records into one training batch (see TrainBatch; weights from position_weights).
 
     A row is context + draft, truncated on the left to `max_len` tokens (the oldest context
     goes first; every supervised column survives since max_len >= k + 1 is required), then
-    right-padded with `pad_id`. Right padding needs no attention mask: with causal attention
+    right-padded with `pad_id`. Targets are sharpened to `teacher_temperature` (sharpen). Right padding needs no attention mask: with causal attention
     no real token ever sees a pad that follows it, and pad columns are never supervised.
     """
     if not records:
@@ -106,7 +123,7 @@ def batch_records(records: Sequence[TrafficRecord], vocab: int, max_len: int, re
         row_idx += [b] * (k + 1)
         col_idx += range(first, first + k + 1)
         weights += position_weights(k, record.accepted, rejected_weight, after_rejection_weight)
-    targets = torch.cat([dense_targets(r, vocab) for r in records])  # [n, vocab]
+    targets = sharpen(torch.cat([dense_targets(r, vocab) for r in records]), teacher_temperature)  # [n, vocab]
     return TrainBatch(input_ids, torch.tensor(row_idx, dtype=torch.long), torch.tensor(col_idx, dtype=torch.long),
                       targets, torch.tensor(weights, dtype=torch.float32))
 

@@ -26,7 +26,8 @@ def supervised_logits(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor
 
 def distill_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer, steps: int,
                   batch_size: int, kind: LossKind, vocab: int, max_len: int,
-                  generator: torch.Generator | None = None, rejected_weight: float = 3.0) -> list[float]:
+                  generator: torch.Generator | None = None, rejected_weight: float = 3.0,
+                  teacher_temperature: float = 1.0) -> list[float]:
     """Run `steps` optimizer steps of KD on records sampled from `buffer`; the loss of each step.
 
     The model trains in train mode and gets its caller's mode back. `vocab` is the width of
@@ -37,7 +38,8 @@ def distill_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, buff
     model.train()
     losses = []
     for _ in range(steps):
-        batch = batch_records(buffer.sample(batch_size, generator), vocab, max_len, rejected_weight).to(device)
+        batch = batch_records(buffer.sample(batch_size, generator), vocab, max_len, rejected_weight,
+                              teacher_temperature=teacher_temperature).to(device)
         loss = kd_loss(kind, batch.targets, supervised_logits(model, batch), batch.weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specserve.actors.distill.records import TrafficRecord, batch_records, dense_targets, position_weights
+from specserve.actors.distill.records import TrafficRecord, batch_records, dense_targets, position_weights, sharpen
 
 V = 10
 
@@ -62,3 +62,17 @@ def test_malformed_records_are_refused_at_the_batch():
     for bad in (short, outside):
         with pytest.raises(ValueError):
             batch_records([bad], V, max_len=8)
+
+
+def test_sharpened_targets_keep_their_support_and_move_mass_to_the_argmax():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.9]])
+    assert sharpen(p, 1.0) is p
+    half = sharpen(p, 0.5)  # p^2 renormalised
+    torch.testing.assert_close(half[0], torch.tensor([25.0, 9.0, 4.0, 0.0]) / 38.0)
+    assert ((half > 0) == (p > 0)).all() and torch.allclose(half.sum(-1), torch.ones(2))
+    cold = sharpen(p, 0.01)
+    torch.testing.assert_close(cold, torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
+    with pytest.raises(ValueError, match="temperature"):
+        sharpen(p, 0.0)
+    assert batch_records([A], V, max_len=16, teacher_temperature=0.5).targets.max(-1).values.min() > \
+        batch_records([A], V, max_len=16).targets.max(-1).values.min()
