@@ -160,8 +160,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, reference):
-    paused = cli("pause")  # or the distiller would publish its next candidate right after
-    assert paused.returncode == 0 and hub_status()["paused"], paused.stderr
+    ray.get(get_hub().set_paused.remote(True))  # or the distiller would publish its next candidate right after
     try:
         before = hub_status()
         out = cli("rollback", "demo-v0")
@@ -179,8 +178,8 @@ def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, 
         status = cli("status")
         assert status.returncode == 0 and "live version demo-v0" in status.stdout
     finally:
-        assert cli("resume").returncode == 0
-    assert not hub_status()["paused"]
+        resumed = cli("resume")
+    assert resumed.returncode == 0 and not hub_status()["paused"], resumed.stderr
 
 
 def scrambled_drafter_state() -> dict:
