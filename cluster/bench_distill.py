@@ -7,7 +7,8 @@ the standard library). All requests go through gRPC at a fixed concurrency, gree
 evaluation set of `window` prompts is served at the start and at the end, so before and after
 compare the same requests:
 
-1. before: the evaluation set with training paused (the demo drafter as shipped);
+1. before: the evaluation set, `after_rounds` times, with training paused (the demo drafter as
+   shipped);
 2. training: `requests` new requests in windows of `window`; after each window the live
    drafter version, the trainer's numbers and the gate scores are read from the hub;
 3. after: publishing is held (the weights stay those learned within the training phase) and
@@ -126,7 +127,8 @@ def run_bench_distill(requests: int, window: int, concurrency: int, max_tokens: 
             progress(f"{phase:>8}: {row['served']:>5} served  {row['tokens_per_s']:7.1f} tok/s  "
                      f"acceptance {row['acceptance_rate']}  live {row['live_version']}  steps {row['train_steps']}")
 
-        run("before", evaluation)
+        for _ in range(after_rounds):
+            run("before", evaluation)
         ray.get(hub.set_paused.remote(False))
         for start in range(0, requests, window):
             run("training", traffic[start : start + window])
@@ -143,10 +145,10 @@ def run_bench_distill(requests: int, window: int, concurrency: int, max_tokens: 
         serving.shutdown()
     return {"config": {"requests": requests, "window": window, "concurrency": concurrency, "max_tokens": max_tokens,
                        "after_rounds": after_rounds, "distill": cfg.distill.model_dump(mode="json")},
-            "rows": rows, "versions": versions, "summary": summarize(rows, -(-requests // window))}
+            "rows": rows, "versions": versions, "summary": summarize(rows, -(-requests // window), after_rounds)}
 
 
-def summarize(rows: list[dict], training_windows: int) -> dict:
+def summarize(rows: list[dict], training_windows: int, before_windows: int = 1) -> dict:
     """Before vs after on the evaluation set (after: training paused, the weights learned within
     the training phase), and the throughput ratio of training running vs paused on the same
     weights and requests."""
@@ -154,11 +156,13 @@ def summarize(rows: list[dict], training_windows: int) -> dict:
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    before = rows[0]
-    after_rows = rows[1 + training_windows:]
+    before_rows = rows[:before_windows]
+    after_rows = rows[before_windows + training_windows:]
     paused = [r for r in after_rows if r["phase"] == "paused"]
     plain = [r for r in after_rows if r["phase"] == "plain"]
     training = [r for r in after_rows if r["phase"] == "training"]
+    before = {"acceptance_rate": _r(mean([r["acceptance_rate"] for r in before_rows])),
+              "tokens_per_s": _r(mean([r["tokens_per_s"] for r in before_rows]))}
     out = {"acceptance_before": before["acceptance_rate"], "tokens_per_s_before": before["tokens_per_s"],
            "acceptance_after": _r(mean([r["acceptance_rate"] for r in paused])),
            "tokens_per_s_after": _r(mean([r["tokens_per_s"] for r in paused])),
