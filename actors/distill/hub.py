@@ -90,6 +90,7 @@ class TrainerReport:
     rejected: int = 0  # candidates the gate did not publish
     starts: int = 0  # times the training loop started (more than one: the worker was restarted)
     live_version: str | None = None  # the live version the loop last loaded
+    resumed_from: str | None = None  # the live version handed to the loop when it last started
     worker: str | None = None  # node id and pid of the training worker process
     updated_s: float = field(default_factory=time.time)
 
@@ -147,12 +148,13 @@ class DistillHub:
 
     def report_training(self, report: dict) -> None:
         """The distiller's latest numbers."""
-        self.trainer = TrainerReport(**report, starts=self.trainer.starts)
+        self.trainer = TrainerReport(**report, starts=self.trainer.starts, resumed_from=self.trainer.resumed_from)
         self._metrics.on_training(self.trainer)
 
     def trainer_started(self) -> dict:
         """A training loop (re)started: count it; it resumes from `live()`."""
         self.trainer.starts += 1
+        self.trainer.resumed_from = self.stable
         return self.live()
 
     def live(self) -> dict:
