@@ -32,10 +32,10 @@ from pathlib import Path
 import ray
 
 from specserve.actors.distill.versions import VersionStore
+from specserve.actors.registry import NAMESPACE
 
 log = logging.getLogger(__name__)
 HUB_NAME = "specserve-distill-hub"
-NAMESPACE = "specserve"
 REPLICA_TTL_S = 15.0  # a drafter not heard from for this long no longer counts for the canary
 MIN_EVIDENCE = 20  # verified canary drafts below which a timed-out canary is judged on the gate alone
 

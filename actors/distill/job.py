@@ -27,6 +27,7 @@ import torch
 from specserve.actors.distill.buffer import ReplayBuffer
 from specserve.actors.distill.gate import Gate
 from specserve.actors.distill.trainer import distill_steps
+from specserve.actors.registry import NAMESPACE
 
 log = logging.getLogger(__name__)
 DISTILLER_NAME = "specserve-distiller"
@@ -212,14 +213,5 @@ class DistillerJob:
 
 def start_distiller(spec: DistillSpec):
     """Create (or find) the detached distiller job actor."""
-    from specserve.actors.distill.hub import NAMESPACE
-
     return ray.remote(DistillerJob).options(name=DISTILLER_NAME, namespace=NAMESPACE, lifetime="detached",
                                             get_if_exists=True, num_cpus=0, max_restarts=-1).remote(spec)
-
-
-def get_distiller():
-    """Handle of the running distiller job actor."""
-    from specserve.actors.distill.hub import NAMESPACE
-
-    return ray.get_actor(DISTILLER_NAME, namespace=NAMESPACE)
