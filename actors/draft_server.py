@@ -22,6 +22,7 @@ import grpc
 from specserve.actors.convert import draft_to_pb, start_params
 from specserve.actors.engine.drafters import BaseDrafter, DraftRequest
 from specserve.actors.engine.kv_cache import CacheBudgetError
+from specserve.actors.security import TlsFiles, bind
 from specserve.v1 import drafting_pb2, drafting_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -266,11 +267,15 @@ class DraftingServicer(drafting_pb2_grpc.DraftingServicer):
             stream.outbox.put_nowait(_CLOSED)
 
 
-async def serve_drafting(worker: DraftWorker, host: str, port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server for `worker` on host:port (0 = any free port); returns (server, port)."""
+async def serve_drafting(worker: DraftWorker, host: str, port: int = 0,
+                         tls: TlsFiles | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `worker` on host:port (0 = any free port); returns (server, port).
+
+    With `tls` (cert, key and CA) it is mutual TLS: verifiers must present a certificate of the CA.
+    """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     drafting_pb2_grpc.add_DraftingServicer_to_server(DraftingServicer(worker), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = bind(server, f"{host}:{port}", tls, "security.internal_tls")
     if bound == 0:
         raise OSError(f"cannot bind the draft server to {host}:{port}")
     await server.start()

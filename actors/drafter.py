@@ -41,7 +41,7 @@ class Drafter:
                                   settings.pipelined)
         self.worker.start()
         host = settings.host or ray.util.get_node_ip_address()
-        self.server, port = await serve_drafting(self.worker, host)
+        self.server, port = await serve_drafting(self.worker, host, tls=settings.internal_tls)
         self.address = f"{host}:{port}"
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()

@@ -6,6 +6,7 @@ import grpc
 
 from specserve.actors.engine.kv_cache import CacheBudgetError
 from specserve.actors.engine.request import InvalidRequestError
+from specserve.actors.security import AuthError
 
 
 class OverloadedError(RuntimeError):
@@ -25,6 +26,8 @@ class DrainingError(RuntimeError):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and details a client sees for `exc`."""
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, OverloadedError):

@@ -29,6 +29,7 @@ import grpc
 from specserve.actors.convert import draft_from_pb, start_pb, stop_pb, verdict_pb
 from specserve.actors.engine.drafters import BaseDrafter, Draft, DraftRequest
 from specserve.actors.engine.request import SamplingParams
+from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import drafting_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,11 @@ class DrafterEndpoint:
 class _Link:
     """One Drafting stream to one drafter replica; a reader thread hands drafts to the pool."""
 
-    def __init__(self, address: str, on_draft: Callable, on_broken: Callable):
+    def __init__(self, address: str, on_draft: Callable, on_broken: Callable, tls: TlsFiles | None = None):
         self.address = address
         self.broken = False
         self._sendq: queue.SimpleQueue = queue.SimpleQueue()
-        self._channel = grpc.insecure_channel(address)
+        self._channel = secure_channel(address, tls, "security.internal_tls")
         self._call = drafting_pb2_grpc.DraftingStub(self._channel).Draft(iter(self._sendq.get, _CLOSE))
         self._on_draft, self._on_broken = on_draft, on_broken
         threading.Thread(target=self._read, name=f"draft-link-{address}", daemon=True).start()
@@ -105,7 +106,8 @@ class RemoteDrafterPool(BaseDrafter):
     name = "remote"
 
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
-                 deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0):
+                 deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
+                 tls: TlsFiles | None = None):
         super().__init__()
         self.endpoints = endpoints
         self.vocab_size = vocab_size
@@ -113,6 +115,7 @@ class RemoteDrafterPool(BaseDrafter):
         self.node_id = node_id
         self.max_misses = max_misses
         self.retry_s = retry_s
+        self.tls = tls
         self.remote: dict[int, _Remote] = {}
         self.links: dict[str, _Link] = {}
         self.bad_until: dict[str, float] = {}
@@ -218,7 +221,7 @@ class RemoteDrafterPool(BaseDrafter):
         best = min(eps, key=lambda e: (e.node_id != self.node_id, ours[e.address] + e.load, e.address))
         link = self.links.get(best.address)
         if link is None or link.broken:
-            link = self.links[best.address] = _Link(best.address, self._on_draft, self._on_broken)
+            link = self.links[best.address] = _Link(best.address, self._on_draft, self._on_broken, self.tls)
         return link
 
     def _collect(self, r: DraftRequest) -> Draft:

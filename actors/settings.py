@@ -10,6 +10,7 @@ import torch
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.build import DRAFTER_KINDS
 from specserve.actors.engine.tap import TapConfig
+from specserve.actors.security import TlsFiles
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -57,6 +58,18 @@ class VerifierSettings:
     kernels: str = "auto"  # kernels/dispatch.py backend
     tap: TapConfig = TapConfig()  # traffic recording for distillation (enabled: ship records to the hub)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model)
+    front: ClientFrontSettings | None = None  # serve the client port here, with TLS (security.tls)
+    auth_token_file: str | None = None  # bearer tokens accepted on Generate (security.auth_token_file)
+    internal_tls: TlsFiles | None = None  # mutual TLS towards the drafters' draft servers
+
+
+@dataclass(frozen=True)
+class ClientFrontSettings:
+    """The client port when a verifier replica serves it itself (Serve's gRPC proxy has no TLS)."""
+
+    host: str
+    port: int
+    tls: TlsFiles
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class DrafterSettings:
     tree_nodes: int = 0  # > 0: answer tree requests with token trees (the model drafter)
     kernels: str = "auto"  # kernels/dispatch.py backend
     hot_swap: bool = False  # follow the distill hub's assigned weight version
+    internal_tls: TlsFiles | None = None  # mutual TLS on the draft server
 
 
 def use_threads(threads: int) -> None:

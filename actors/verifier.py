@@ -27,6 +27,7 @@ from specserve.actors.metrics import VerifierMetrics
 from specserve.actors.registry import get_registry
 from specserve.actors.remote_drafter import DrafterEndpoint, RemoteDrafterPool
 from specserve.actors.scheduler import Scheduler
+from specserve.actors.security import TokenAuth
 from specserve.actors.settings import DTYPES, VerifierSettings, assigned_device, use_threads
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class Verifier:
         if models.drafter_kind != "none":
             self.pool = RemoteDrafterPool(lambda: self._endpoints, target.vocab_size,
                                           deadline_s=settings.draft_deadline_ms / 1000,
-                                          node_id=ray.get_runtime_context().get_node_id())
+                                          node_id=ray.get_runtime_context().get_node_id(),
+                                          tls=settings.internal_tls)
         tree_nodes = settings.tree_nodes if models.drafter_kind == "model" else 0
         self.tap = TrafficTap(settings.tap) if settings.tap.enabled else None
         engine = SpeculativeEngine(target, self.tokenizer, self.pool,
@@ -60,7 +62,13 @@ class Verifier:
         self.totals = {"steps": 0, "drafted": 0, "accepted": 0}  # since the replica started
         self._by_version: dict[str, list[int]] = {}  # drafted/accepted/empty per drafter version, not yet shipped
         self._by_version_lock = threading.Lock()
+        self.auth = TokenAuth(settings.auth_token_file) if settings.auth_token_file else None
         self.scheduler = Scheduler(engine, settings.max_queue, on_step=self._on_step)
+        self.front = None
+        if settings.front is not None:
+            from specserve.actors.front import ClientFront
+
+            self.front = ClientFront(self, settings.front)
         if self.pool is not None:
             threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
         if self.tap is not None:
@@ -122,6 +130,8 @@ class Verifier:
         request_id = request.request_id or uuid.uuid4().hex
         timer = self.metrics.request_timer()
         try:
+            if self.auth is not None:
+                self.auth.check(grpc_context.invocation_metadata() if grpc_context is not None else None)
             prompt = prompt_from_pb(request, self.tokenizer)
             req = self.scheduler.submit(prompt, params_from_pb(request))
             first = True
@@ -173,6 +183,8 @@ class Verifier:
     def __del__(self):
         """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop."""
         self.scheduler.drain(timeout_s=30)
+        if self.front is not None:
+            self.front.stop()
         self.scheduler.shutdown()
         if self.pool is not None:
             self.pool.close()

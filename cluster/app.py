@@ -19,7 +19,8 @@ from specserve.actors.engine.runner import ModelRunner
 
 from specserve.actors.drafter import Drafter
 from specserve.actors.engine.tap import TapConfig
-from specserve.actors.settings import DrafterSettings, ModelChoice, VerifierSettings
+from specserve.actors.security import TlsFiles
+from specserve.actors.settings import ClientFrontSettings, DrafterSettings, ModelChoice, VerifierSettings
 from specserve.actors.verifier import Verifier
 from specserve.cluster.config import SpecserveConfig, parse_config
 
@@ -29,13 +30,22 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype)
     spec, distill = cfg.speculation, cfg.distill
     tap = TapConfig(distill.enabled, **distill.tap.model_dump())
+    sec = cfg.security
+    front = None
+    if sec.tls:
+        front = ClientFrontSettings(cfg.server.host, cfg.server.grpc_port,
+                                    TlsFiles(sec.tls.cert_file, sec.tls.key_file, sec.tls.client_ca_file))
+    internal = sec.internal_tls and TlsFiles(sec.internal_tls.cert_file, sec.internal_tls.key_file,
+                                             sec.internal_tls.ca_file, sec.internal_tls.server_name)
     verifier = VerifierSettings(models, cfg.verifier.max_num_seqs, cfg.verifier.max_seq_len, cfg.verifier.max_queue,
                                 spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)),
-                                tree_nodes=spec.tree_nodes, kernels=spec.kernels, tap=tap, fixed_k=spec.fixed_k)
+                                tree_nodes=spec.tree_nodes, kernels=spec.kernels, tap=tap, fixed_k=spec.fixed_k,
+                                front=front, auth_token_file=sec.auth_token_file, internal_tls=internal)
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
                               weight_version=models.base_version, threads=max(1, round(cfg.drafter.num_cpus)),
-                              tree_nodes=spec.tree_nodes, kernels=spec.kernels, hot_swap=distill.enabled)
+                              tree_nodes=spec.tree_nodes, kernels=spec.kernels, hot_swap=distill.enabled,
+                              internal_tls=internal)
     return verifier, drafter
 
 

@@ -72,6 +72,13 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help="prompt text")
     p.add_argument("--server", default=None, help="host:port of a running specserve server (default: in-process)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of a --server call, seconds")
+    p.add_argument("--tls-ca", default=None, help="--server: PEM CA that signed the server's certificate (TLS)")
+    p.add_argument("--tls-cert", default=None, help="--server: PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="--server: PEM key of the client certificate")
+    p.add_argument("--tls-server-name", default=None,
+                   help="--server: name the server certificate carries, if not the address's host")
+    p.add_argument("--token-file", default=None,
+                   help="--server: file holding the bearer token (default: $SPECSERVE_TOKEN, if set)")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")

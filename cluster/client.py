@@ -8,6 +8,12 @@
 `UNAVAILABLE` before the first token (a verifier restarting, a replica draining) is retried
 with exponential backoff; once tokens have streamed, an error ends the stream, since a retry
 would repeat them.
+
+A server with TLS and tokens (config `security`):
+
+    client = Client("specserve.example:50051", tls=TlsFiles(ca_file="ca.pem"), token=token)
+
+(`TlsFiles(ca_file=..., cert_file=..., key_file=...)` also presents a client certificate.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Iterator
 
 import grpc
 
+from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import generation_pb2, generation_pb2_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -72,11 +79,12 @@ class Client:
     """Calls `specserve.v1.Generation/Generate` on a specserve server."""
 
     def __init__(self, address: str = "localhost:50051", retries: int = 5, backoff_s: float = 0.2,
-                 timeout_s: float | None = None, metadata: list[tuple[str, str]] | None = None):
+                 timeout_s: float | None = None, metadata: list[tuple[str, str]] | None = None,
+                 tls: TlsFiles | None = None, token: str | None = None):
         self.address = address
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
-        self.metadata = metadata
-        self._channel = grpc.insecure_channel(address)
+        self.metadata = list(metadata or []) + ([("authorization", f"Bearer {token}")] if token else [])
+        self._channel = secure_channel(address, tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def close(self) -> None:

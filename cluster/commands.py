@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
 from specserve.actors.engine.request import GenerationResult, SpecStats
+from specserve.actors.security import SecurityError, TlsFiles
 from specserve.cluster.client import Client, Reply
 from specserve.cluster.config import ConfigError, load_config
 from specserve.cluster.local import result_json, stats_line
@@ -27,11 +30,30 @@ def reply_json(reply: Reply) -> dict:
     return out
 
 
+def _credentials(args) -> tuple[TlsFiles | None, str | None]:
+    """TLS files and bearer token of `generate --server` (the token from a file or $SPECSERVE_TOKEN)."""
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+    token = os.environ.get("SPECSERVE_TOKEN") or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--token-file: cannot read {args.token_file}: {e.strerror}") from None
+    return tls, token
+
+
 def generate_remote(args) -> int:
     """`specserve generate --server host:port`: stream from a running server."""
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   seed=args.seed, stop=args.stop or [])
-    with Client(args.server, timeout_s=args.timeout) as client:
+    tls, token = _credentials(args)
+    try:
+        client = Client(args.server, timeout_s=args.timeout, tls=tls, token=token)
+    except SecurityError as e:
+        raise ConfigError(str(e).replace("tls.", "--tls-").replace("_file", "")) from None
+    with client:
         try:
             if args.json:
                 print(json.dumps(reply_json(client.generate(args.prompt, **params))))
@@ -174,6 +196,9 @@ def demo_cmd(args) -> int:
 
     cfg = load_config(args.config)
     cfg.server.grpc_port = args.port
+    if cfg.security.tls or cfg.security.auth_token_file:
+        raise ConfigError("the demo's client speaks plaintext without a token: run `specserve serve CONFIG` and "
+                          "call it with `specserve generate --server HOST:PORT --tls-ca CA --token-file FILE`")
     serving.log("starting a local Ray cluster and deploying the demo pair (verifier + drafter)...")
     serving.connect(None)
     try:

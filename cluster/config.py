@@ -177,10 +177,44 @@ class DistillConfig(Strict):
 
 
 class ServerConfig(Strict):
-    """The client-facing gRPC port (Serve's gRPC proxy)."""
+    """The client-facing gRPC port (Serve's gRPC proxy; with security.tls, the verifiers' own)."""
 
     grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of the Generation service.")
+    host: str = Field("0.0.0.0", description=(
+        "Address the verifiers bind the client port on when they serve it themselves (security.tls)."))
     http_port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy (unused by clients).")
+
+
+class ClientTls(Strict):
+    """TLS on the client port. Paths are read by the verifier replicas on their own nodes."""
+
+    cert_file: str = Field(description="PEM certificate chain the server presents.")
+    key_file: str = Field(description="PEM private key of that certificate.")
+    client_ca_file: str | None = Field(None, description=(
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."))
+
+
+class InternalTls(Strict):
+    """Mutual TLS on the verifier<->drafter draft streams: both ends present certificates of one CA."""
+
+    ca_file: str = Field(description="PEM CA bundle both ends verify the other's certificate against.")
+    cert_file: str = Field(description="PEM certificate every replica presents (server and client side).")
+    key_file: str = Field(description="PEM private key of that certificate.")
+    server_name: str | None = Field(None, description=(
+        "Name the drafters' certificate carries, checked by the verifiers instead of the drafter's IP "
+        "address (one certificate for every node)."))
+
+
+class SecurityConfig(Strict):
+    """Who may call, and how traffic is protected (certificates and tokens are read from files)."""
+
+    tls: ClientTls | None = Field(None, description=(
+        "TLS on the client port. The verifier replicas then serve that port themselves (Serve's gRPC "
+        "proxy has no TLS and is not started); unset = plaintext through Serve's gRPC proxy."))
+    auth_token_file: str | None = Field(None, description=(
+        "File of accepted bearer tokens, one per line; Generate then needs 'authorization: Bearer <token>' "
+        "metadata (UNAUTHENTICATED otherwise). Use it with tls: a token on a plaintext port is readable."))
+    internal_tls: InternalTls | None = Field(None, description="Mutual TLS on the internal draft streams.")
 
 
 class SpecserveConfig(Strict):
@@ -192,6 +226,7 @@ class SpecserveConfig(Strict):
     speculation: SpeculationConfig = Field(default_factory=SpeculationConfig, description="Speculation policy.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="Client port.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Online drafter distillation.")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="TLS and authentication.")
 
     @model_validator(mode="after")
     def _distill_needs_model(self):
@@ -252,12 +287,15 @@ class SpecserveConfig(Strict):
         """A Ray Serve config (ServeDeploySchema) deploying this configuration.
 
         Several specserve applications can share a cluster (the benchmark compares variants
-        side by side); gRPC clients pick one with the `application` metadata key.
+        side by side); gRPC clients pick one with the `application` metadata key. With
+        security.tls the verifiers serve the client port themselves and Serve's gRPC proxy,
+        which cannot do TLS, is left off (no servicer functions): nothing plaintext listens.
         """
+        servicers = [] if self.security.tls else list(SERVICER_FUNCTIONS)
         return {
             "proxy_location": "EveryNode",
             "http_options": {"host": "0.0.0.0", "port": self.server.http_port},
-            "grpc_options": {"port": self.server.grpc_port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)},
+            "grpc_options": {"port": self.server.grpc_port, "grpc_servicer_functions": servicers},
             "applications": applications or [self.application()],
         }
 
