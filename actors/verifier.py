@@ -31,6 +31,7 @@ from specserve.actors.security import TokenAuth
 from specserve.actors.settings import DTYPES, VerifierSettings, assigned_device, use_threads
 
 log = logging.getLogger(__name__)
+DRAIN_S = 30.0  # longest wait for running requests when a replica stops (Serve's own timeout is longer)
 
 
 class Verifier:
@@ -181,10 +182,16 @@ class Verifier:
                 "verify_ms": {n: ms(t) for n, t in sorted(cost.verify_s.items())}}
 
     def __del__(self):
-        """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop."""
-        self.scheduler.drain(timeout_s=30)
+        """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop.
+
+        With its own client port the replica first stops taking calls (its clients reconnect to
+        the port's other listeners), giving running streams DRAIN_S to end; either way the
+        engine then finishes what it admitted before it stops.
+        """
+        self.scheduler.drain(timeout_s=0)  # NOT_SERVING and no admissions from here on
         if self.front is not None:
-            self.front.stop()
+            self.front.stop(grace_s=DRAIN_S)
+        self.scheduler.drain(timeout_s=DRAIN_S)
         self.scheduler.shutdown()
         if self.pool is not None:
             self.pool.close()

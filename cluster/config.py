@@ -270,7 +270,9 @@ class SpecserveConfig(Strict):
         # the ingress must accept every stream it may batch or queue; admission control is ours
         ongoing = v.max_num_seqs + v.max_queue + 16
         return {"name": VERIFIER, "num_replicas": v.replicas, "ray_actor_options": v.actor_options(),
-                "max_ongoing_requests": ongoing}
+                "max_ongoing_requests": ongoing,
+                # a stopping replica drains (actors/verifier.py DRAIN_S per phase) before Serve may kill it
+                "graceful_shutdown_timeout_s": 75}
 
     def application(self, name: str = APP_NAME, route_prefix: str = "/") -> dict:
         """This configuration as one application of a Serve config."""

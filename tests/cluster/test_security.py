@@ -1,6 +1,7 @@
 """TLS on the client port, bearer tokens on Generate, mutual TLS on the draft streams.
 
-One cluster for the module, deployed with every security option on: the client port needs a
+One cluster for the module (two verifier replicas sharing the client port), deployed with
+every security option on: the client port needs a
 client certificate of the client CA and a token; verifier and drafter talk over mutual TLS
 with certificates of a second CA whose drafter certificate names no IP address (the verifier
 checks `server_name`). Everything is real: certificates made here, Ray, Serve, gRPC.
@@ -12,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.ray
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "def zebra_quartz_marker(path):"]
 NEW_TOKENS = 16
+LONG = 64
 TOKEN = "s3cr3t-token-7f1c9a"
 
 
@@ -59,7 +63,7 @@ def cluster(pki):
         "internal_tls": {"ca_file": str(pki["internal_ca"].ca_file), "cert_file": str(internal_cert),
                          "key_file": str(internal_key), "server_name": "specserve-drafter"},
     }
-    cfg = demo_config(security=security, server={"host": "127.0.0.1"}, drafter={"replicas": 1},
+    cfg = demo_config(security=security, server={"host": "127.0.0.1"}, drafter={"replicas": 1}, verifier={"replicas": 2},
                       speculation={"fixed_k": 4})
     with local_cluster(cfg) as c:
         yield c
@@ -67,7 +71,9 @@ def cluster(pki):
 
 @pytest.fixture(scope="module")
 def reference():
-    return target_greedy(PROMPTS, NEW_TOKENS)
+    """The target's own greedy continuations: NEW_TOKENS by prompt, LONG by (prompt, LONG)."""
+    want = target_greedy(PROMPTS, LONG)
+    return {p: t[:NEW_TOKENS] for p, t in want.items()} | {(p, LONG): t for p, t in want.items()}
 
 
 def address(cfg) -> str:
@@ -179,3 +185,38 @@ def test_secrets_and_prompts_stay_out_of_logs_and_the_deployed_config(cluster, p
     leaked = {str(p): s for p in logs for s in secrets if s in p.read_text(errors="replace")}
     assert not leaked
     assert serve.status().applications["specserve"].status == "RUNNING"
+
+
+def test_scaling_verifiers_down_lets_running_streams_finish_and_new_calls_go_elsewhere(cluster, pki, reference):
+    """Runs last: a verifier replica stops while streams run on both and new calls keep coming."""
+    results, errors = [], []
+
+    def call(prompt, max_tokens):
+        try:  # a client (connection) of its own: the kernel spreads connections over both replicas
+            with Client(address(cluster), tls=client_tls(pki), token=TOKEN, timeout_s=180) as c:
+                results.append((prompt, max_tokens, c.generate(prompt, max_tokens=max_tokens, ignore_eos=True)))
+        except Exception as e:  # collected and asserted on below
+            errors.append(e)
+
+    running = [threading.Thread(target=call, args=(PROMPTS[i % len(PROMPTS)], LONG)) for i in range(10)]
+    for t in running:
+        t.start()
+    time.sleep(1.0)
+    stopping = threading.Thread(target=serving.deploy, args=(cluster.model_copy(
+        update={"verifier": cluster.verifier.model_copy(update={"replicas": 1})}),))
+    stopping.start()
+    late = []
+    for i in range(15):  # new calls while one replica drains (bounded)
+        late.append(threading.Thread(target=call, args=(PROMPTS[i % len(PROMPTS)], NEW_TOKENS)))
+        late[-1].start()
+        time.sleep(0.4)
+    for t in running + late + [stopping]:
+        t.join(240)
+    assert not errors
+    assert len(results) == 25
+    for prompt, n, reply in results:
+        assert reply.token_ids == (reference[(prompt, LONG)] if n == LONG else reference[prompt])
+    end = time.monotonic() + 120
+    while serve.status().applications["specserve"].deployments["Verifier"].replica_states != {"RUNNING": 1}:
+        assert time.monotonic() < end, serve.status().applications["specserve"].deployments["Verifier"]
+        time.sleep(1)
