@@ -109,7 +109,8 @@ def _rows(results: dict, overheads: dict) -> list[dict]:
                    "tokens_per_s": round(tps, 2), "speedup": round(tps / plain_tps, 3) if plain_tps else None,
                    "ttft_p50_ms": _ms(_pct(t.ttft, 0.5)), "ttft_p90_ms": _ms(_pct(t.ttft, 0.9)),
                    "itl_p50_ms": _ms(_pct(t.itl, 0.5)), "itl_p90_ms": _ms(_pct(t.itl, 0.9)),
-                   "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / max(len(plain.outputs), 1)}
+                   "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / max(len(plain.outputs), 1),
+                   "ttft_ms": [_ms(x) for x in t.ttft], "itl_ms": [_ms(x) for x in t.itl]}  # for distributions
             if t.drafted:
                 row.update(acceptance_rate=round(t.accepted / t.drafted, 4),
                            mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3))

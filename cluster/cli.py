@@ -67,6 +67,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from specserve.cluster.report import report_main
+
+    return report_main(args)
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with speculative decoding (in-process or --server)")
     p.add_argument("prompt", help="prompt text")
@@ -186,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_cluster(sub)
+    p = sub.add_parser("report", help="markdown report with plots from the benchmarks' JSON files in runs/")
+    p.add_argument("--runs", default="runs", help="where the benchmarks wrote their JSON")
+    p.add_argument("--out", default="runs/report", help="directory for REPORT.md and its plots")
+    p.set_defaults(func=_report)
     p = sub.add_parser("train-demo", help="train the demo tokenizer, target and drafter from stdlib sources")
     p.add_argument("--out", required=True, help="output directory (gets target/ and drafter/)")
     p.add_argument("--target-minutes", type=float, default=60.0, help="wall-clock budget for the target")
