@@ -46,6 +46,7 @@ class Drafter:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         self.metrics = DrafterMetrics()
+        self._drafts_exported = 0
         self._stopping = False
         # the checkpoint's own weights, to go back to when the hub rolls back to the base version
         self._base_state = ({k: v.detach().clone() for k, v in self.worker.drafter.runner.model.state_dict().items()}
@@ -62,8 +63,12 @@ class Drafter:
                              serve.get_replica_context().app_name)
 
     async def _heartbeat_once(self) -> None:
-        await get_registry().heartbeat.remote(self.record())
         self.metrics.sequences.set(self.worker.load)
+        sent = self.worker.drafts_sent  # counted on the draft worker's thread; exported here
+        if sent > self._drafts_exported:
+            self.metrics.drafts.inc(sent - self._drafts_exported)
+            self._drafts_exported = sent
+        await get_registry().heartbeat.remote(self.record())
 
     async def _heartbeat(self) -> None:
         while not self._stopping:
