@@ -43,6 +43,12 @@ def _bench(args: argparse.Namespace) -> int:
         return bench_kernels_main(args)
     from specserve.cluster.local import set_threads
 
+    if args.faults:
+        from specserve.cluster.faults import bench_faults_main
+
+        args.out = args.out or "runs/bench_faults.json"
+        args.max_tokens = args.max_tokens or 16
+        return bench_faults_main(args)
     if args.distill:
         from specserve.cluster.bench_distill import bench_distill_main
 
@@ -120,7 +126,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--concurrency", default="1,4,16,32", help="--serving: concurrency levels")
     p.add_argument("--rounds", type=int, default=3, help="--serving: rounds per level (variants interleaved)")
     p.add_argument("--port", type=int, default=50061,
-                   help="--serving/--distill: gRPC port of the local benchmark cluster")
+                   help="--serving/--distill/--faults: gRPC port of the local benchmark cluster")
     p.add_argument("--drafter", default="model", choices=["model", "ngram"],
                    help="--serving: the speculative variants' drafter")
     p.add_argument("--trees", action="store_true",
@@ -133,9 +139,16 @@ def _add_bench(sub) -> None:
                    help="online distillation on a shifted workload (local cluster): acceptance and tok/s over time")
     p.add_argument("--requests", type=int, default=2000, help="--distill: requests served while training")
     p.add_argument("--window", type=int, default=100, help="--distill: requests per measurement window")
-    p.add_argument("--clients", type=int, default=8, help="--distill: concurrent requests")
+    p.add_argument("--clients", type=int, default=8, help="--distill/--faults: concurrent requests")
     p.add_argument("--after-rounds", type=int, default=2,
                    help="--distill: paused/training window pairs measured after the training phase")
+    p.add_argument("--faults", action="store_true",
+                   help="kill drafters, the registry, the distiller, the hub and a verifier under load (local "
+                        "cluster): requests failed, outputs changed, recovery time")
+    p.add_argument("--fault-list", default=None,
+                   help="--faults: comma-separated subset of drafter,registry,registry-gone,distiller,hub,verifier")
+    p.add_argument("--lead-s", type=float, default=2.0, help="--faults: seconds of load before each fault")
+    p.add_argument("--tail-s", type=float, default=3.0, help="--faults: seconds of load after each recovery")
     p.add_argument("--kernels", action="store_true",
                    help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
     p.set_defaults(func=_bench)

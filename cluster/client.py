@@ -6,8 +6,10 @@
     reply = client.generate(prompt="def fibonacci(n):")   # the whole reply at once
 
 `UNAVAILABLE` before the first token (a verifier restarting, a replica draining) is retried
-with exponential backoff; once tokens have streamed, an error ends the stream, since a retry
-would repeat them.
+with exponential backoff (about 20 s in all by default: long enough for Serve to replace a
+dead verifier replica); once tokens have streamed, an error ends the stream, since a retry
+would repeat them. A verifier replica that dies under a call counts as UNAVAILABLE too (Serve's
+gRPC proxy reports it as INTERNAL; see `ReplicaLostError`).
 
 A server with TLS and tokens (config `security`):
 
@@ -28,6 +30,32 @@ from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import generation_pb2, generation_pb2_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# How Serve's gRPC proxy words the INTERNAL it answers when the replica serving a call died
+# (ray.exceptions.ActorDiedError / ActorUnavailableError): no server has the call any more.
+REPLICA_LOST = ("The actor died unexpectedly before finishing this task.",
+                "The task may or may not have been executed on the actor.")
+
+
+class ReplicaLostError(grpc.RpcError):
+    """A call whose verifier replica died: UNAVAILABLE, whatever status the proxy gave it."""
+
+    def __init__(self, cause: grpc.RpcError):
+        super().__init__(cause.details())
+        self.cause = cause
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self.cause.details()
+
+
+def _as_unavailable(e: grpc.RpcError) -> grpc.RpcError:
+    """`e`, or ReplicaLostError when it says the replica serving the call died."""
+    details = e.details() or ""
+    if e.code() == grpc.StatusCode.INTERNAL and any(m in details for m in REPLICA_LOST):
+        return ReplicaLostError(e)
+    return e
 
 
 @dataclass
@@ -78,11 +106,12 @@ def request_pb(prompt: str | None = None, prompt_token_ids: list[int] | None = N
 class Client:
     """Calls `specserve.v1.Generation/Generate` on a specserve server."""
 
-    def __init__(self, address: str = "localhost:50051", retries: int = 5, backoff_s: float = 0.2,
+    def __init__(self, address: str = "localhost:50051", retries: int = 8, backoff_s: float = 0.2,
                  timeout_s: float | None = None, metadata: list[tuple[str, str]] | None = None,
-                 tls: TlsFiles | None = None, token: str | None = None):
+                 tls: TlsFiles | None = None, token: str | None = None, max_backoff_s: float = 5.0):
         self.address = address
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.max_backoff_s = max_backoff_s
         self.metadata = list(metadata or []) + ([("authorization", f"Bearer {token}")] if token else [])
         self._channel = secure_channel(address, tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
@@ -108,9 +137,12 @@ class Client:
                     yield msg
                 return
             except grpc.RpcError as e:
-                if started or e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                time.sleep(self.backoff_s * 2**attempt)
+                error = _as_unavailable(e)
+                if started or error.code() not in RETRYABLE or attempt == self.retries:
+                    if error is e:
+                        raise
+                    raise error from e
+                time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt))
 
     def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, **params) -> Reply:
         """Run one request to the end and return everything it produced."""
