@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
+import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from specserve.actors.engine.drafters import Draft
 from specserve.actors.engine.request import InvalidRequestError, SamplingParams, SpecStats, make_params
@@ -18,9 +20,87 @@ FINISH_REASONS = {
 }
 FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
 MAX_PROMPT_CHARS = 1_000_000  # longer text is refused before tokenizing (the token limit decides the rest)
+MAX_REQUEST_ID_CHARS = 256  # every response echoes it: a long one would multiply the reply's size
 
 
 # -- Generation (client-facing) --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Request bytes that are not a GenerateRequest; `prompt_from_pb` refuses it naming `field`.
+
+    gRPC answers a request its deserializer cannot parse with UNKNOWN before any of our code
+    runs, so the Generation service is registered with `request_from_bytes`, which hands this
+    on instead and the call fails like any other bad field: INVALID_ARGUMENT.
+    """
+
+    field: str
+    reason: str
+    request_id: str = ""  # read by the handler before validation, like a GenerateRequest's
+
+
+def request_from_bytes(data: bytes) -> generation_pb2.GenerateRequest | UndecodableRequest:
+    """The request deserializer of the Generation service (see UndecodableRequest)."""
+    try:
+        return generation_pb2.GenerateRequest.FromString(data)
+    except DecodeError:
+        return UndecodableRequest(*_wire_problem(data))
+
+
+def add_generation_servicer(servicer, server) -> None:
+    """`generation_pb2_grpc.add_GenerationServicer_to_server` with `request_from_bytes`."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=request_from_bytes,
+        response_serializer=generation_pb2.GenerateResponse.SerializeToString)}
+    service = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _wire_problem(data: bytes) -> tuple[str, str]:
+    """(field, reason) for bytes that do not parse: a string field that is not UTF-8, by
+    name, else the message's wire format as a whole ("request")."""
+    fields = generation_pb2.GenerateRequest.DESCRIPTOR.fields_by_number
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            start = pos
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, start = _varint(data, pos)
+                pos = start + size
+            else:  # groups (3, 4) are not proto3; 6 and 7 do not exist
+                raise ValueError(wire_type)
+            if number == 0 or pos > len(data):
+                raise ValueError(number)
+            field = fields.get(number)
+            if wire_type == 2 and field is not None and field.type == field.TYPE_STRING:
+                try:
+                    data[start:pos].decode("utf-8")
+                except UnicodeDecodeError:
+                    return field.name, "not valid UTF-8"
+    except (ValueError, IndexError):
+        pass
+    return "request", "not a valid specserve.v1.GenerateRequest (wire format corrupt)"
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The base-128 varint at data[pos:] and the position after it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError: truncated
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+        if shift >= 70:
+            raise ValueError("varint longer than 10 bytes")
+
 
 def params_from_pb(req: generation_pb2.GenerateRequest) -> SamplingParams:
     """SamplingParams of a request; InvalidRequestError names the bad field."""
@@ -29,14 +109,19 @@ def params_from_pb(req: generation_pb2.GenerateRequest) -> SamplingParams:
     for name in ("max_tokens", "temperature", "top_p", "seed"):
         if req.HasField(name):
             kwargs[name] = getattr(req, name)
-    for name in ("temperature", "top_p"):
-        if name in kwargs and not math.isfinite(kwargs[name]):
-            raise InvalidRequestError(name, f"must be a finite number, got {kwargs[name]}")
     return make_params(**kwargs)
 
 
-def prompt_from_pb(req: generation_pb2.GenerateRequest, tokenizer) -> list[int]:
-    """Prompt token ids: the given ids, or the tokenized text. Exactly one must be set."""
+def prompt_from_pb(req: generation_pb2.GenerateRequest | UndecodableRequest, tokenizer) -> list[int]:
+    """Prompt token ids: the given ids, or the tokenized text. Exactly one must be set.
+
+    Checks the request as a whole first (it parsed; its request_id is not too long), since the
+    handler calls this before anything else.
+    """
+    if isinstance(req, UndecodableRequest):
+        raise InvalidRequestError(req.field, req.reason)
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
     has_text, has_ids = bool(req.prompt), bool(req.prompt_token_ids)
     if has_text == has_ids:
         raise InvalidRequestError("prompt", "set exactly one of prompt and prompt_token_ids")

@@ -9,8 +9,15 @@ from specserve.actors.engine.request import InvalidRequestError
 from specserve.actors.security import AuthError
 
 
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to retry, integer ms
+
+
 class OverloadedError(RuntimeError):
-    """Every batch slot and queue place is taken; the client should retry later."""
+    """Every batch slot and queue place is taken; the client should retry later.
+
+    Clients see RESOURCE_EXHAUSTED with details ending "(retry after S s)" and, where the
+    server can send trailing metadata with an error, `retry-after-ms` (see retry_metadata).
+    """
 
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
@@ -37,3 +44,15 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DrainingError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def retry_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that goes with `exc`'s status: the retry hint of an overload, if any.
+
+    Serve's gRPC proxy (Ray 2.60) sends only the code and details of a failed call, so this
+    reaches clients where the replicas serve the client port themselves (actors/front.py);
+    through the proxy the details carry the same hint.
+    """
+    if isinstance(exc, OverloadedError):
+        return ((RETRY_AFTER_KEY, str(round(exc.retry_after_s * 1000))),)
+    return ()

@@ -16,13 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specserve.actors.errors import status_for
+from specserve.actors.convert import add_generation_servicer
+from specserve.actors.errors import retry_metadata, status_for
 from specserve.actors.security import bind
 from specserve.actors.settings import ClientFrontSettings
-from specserve.v1 import generation_pb2, generation_pb2_grpc
+from specserve.v1 import generation_pb2
 
 
-class _Generation(generation_pb2_grpc.GenerationServicer):
+class _Generation:
     def __init__(self, verifier):
         self.verifier = verifier
 
@@ -32,7 +33,7 @@ class _Generation(generation_pb2_grpc.GenerationServicer):
                 yield msg
         except Exception as e:  # a cancelled call raises CancelledError, which passes through
             code, details = status_for(e)
-            await context.abort(code, details)
+            await context.abort(code, details, trailing_metadata=retry_metadata(e))
 
 
 class _Health(health_pb2_grpc.HealthServicer):
@@ -57,7 +58,7 @@ class ClientFront:
 
     async def _start(self, verifier, settings: ClientFrontSettings) -> int:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        generation_pb2_grpc.add_GenerationServicer_to_server(_Generation(verifier), server)
+        add_generation_servicer(_Generation(verifier), server)
         health_pb2_grpc.add_HealthServicer_to_server(_Health(verifier), server)
         names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

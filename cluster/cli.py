@@ -43,6 +43,14 @@ def _bench(args: argparse.Namespace) -> int:
         return bench_kernels_main(args)
     from specserve.cluster.local import set_threads
 
+    if args.overload:
+        from specserve.cluster.bench_overload import bench_overload_main
+
+        args.out = args.out or "runs/bench_overload.json"
+        args.max_tokens = args.max_tokens or 32
+        args.clients = args.clients or 64
+        return bench_overload_main(args)
+    args.clients = args.clients or 8
     if args.faults:
         from specserve.cluster.faults import bench_faults_main
 
@@ -139,7 +147,8 @@ def _add_bench(sub) -> None:
                    help="online distillation on a shifted workload (local cluster): acceptance and tok/s over time")
     p.add_argument("--requests", type=int, default=2000, help="--distill: requests served while training")
     p.add_argument("--window", type=int, default=100, help="--distill: requests per measurement window")
-    p.add_argument("--clients", type=int, default=8, help="--distill/--faults: concurrent requests")
+    p.add_argument("--clients", type=int, default=None,
+                   help="--distill/--faults: concurrent requests (default 8); --overload: client threads (default 64)")
     p.add_argument("--after-rounds", type=int, default=2,
                    help="--distill: paused/training window pairs measured after the training phase")
     p.add_argument("--faults", action="store_true",
@@ -149,6 +158,11 @@ def _add_bench(sub) -> None:
                    help="--faults: comma-separated subset of drafter,registry,registry-gone,distiller,hub,verifier")
     p.add_argument("--lead-s", type=float, default=2.0, help="--faults: seconds of load before each fault")
     p.add_argument("--tail-s", type=float, default=3.0, help="--faults: seconds of load after each recovery")
+    p.add_argument("--overload", action="store_true",
+                   help="drive a local cluster at several times its capacity: refusals, latency, memory growth")
+    p.add_argument("--duration", type=float, default=300.0, help="--overload: seconds of overload")
+    p.add_argument("--warmup", type=float, default=60.0,
+                   help="--overload: seconds of load before the memory baseline is taken")
     p.add_argument("--kernels", action="store_true",
                    help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
     p.set_defaults(func=_bench)

@@ -9,7 +9,9 @@
 with exponential backoff (about 20 s in all by default: long enough for Serve to replace a
 dead verifier replica); once tokens have streamed, an error ends the stream, since a retry
 would repeat them. A verifier replica that dies under a call counts as UNAVAILABLE too (Serve's
-gRPC proxy reports it as INTERNAL; see `ReplicaLostError`).
+gRPC proxy reports it as INTERNAL; see `ReplicaLostError`). With `overload_retries`,
+RESOURCE_EXHAUSTED (every batch slot and queue place taken) is retried too, before the first
+token, after the wait the server asks for (`retry_after_s`).
 
 A server with TLS and tokens (config `security`):
 
@@ -20,6 +22,7 @@ A server with TLS and tokens (config `security`):
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,6 +33,7 @@ from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import generation_pb2, generation_pb2_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+_RETRY_AFTER = re.compile(r"retry after ([0-9.]+) s")
 # How Serve's gRPC proxy words the INTERNAL it answers when the replica serving a call died
 # (ray.exceptions.ActorDiedError / ActorUnavailableError): no server has the call any more.
 REPLICA_LOST = ("The actor died unexpectedly before finishing this task.",
@@ -56,6 +60,19 @@ def _as_unavailable(e: grpc.RpcError) -> grpc.RpcError:
     if e.code() == grpc.StatusCode.INTERNAL and any(m in details for m in REPLICA_LOST):
         return ReplicaLostError(e)
     return e
+
+
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """When the server asks a refused call to come back: the `retry-after-ms` trailing metadata
+    where the server can send it (its own TLS port), else the "(retry after S s)" that ends the
+    details (Serve's gRPC proxy passes only code and details). None: not an overload."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            return int(value) / 1000
+    match = _RETRY_AFTER.search(error.details() or "")
+    return None if match is None else float(match.group(1))
 
 
 @dataclass
@@ -108,10 +125,11 @@ class Client:
 
     def __init__(self, address: str = "localhost:50051", retries: int = 8, backoff_s: float = 0.2,
                  timeout_s: float | None = None, metadata: list[tuple[str, str]] | None = None,
-                 tls: TlsFiles | None = None, token: str | None = None, max_backoff_s: float = 5.0):
+                 tls: TlsFiles | None = None, token: str | None = None, max_backoff_s: float = 5.0,
+                 overload_retries: int = 0):
         self.address = address
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
-        self.max_backoff_s = max_backoff_s
+        self.max_backoff_s, self.overload_retries = max_backoff_s, overload_retries
         self.metadata = list(metadata or []) + ([("authorization", f"Bearer {token}")] if token else [])
         self._channel = secure_channel(address, tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
@@ -127,9 +145,11 @@ class Client:
 
     def stream(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                **params) -> Iterator[generation_pb2.GenerateResponse]:
-        """The responses of one request as they arrive (retrying UNAVAILABLE before the first)."""
+        """The responses of one request as they arrive (retrying UNAVAILABLE, and with
+        overload_retries RESOURCE_EXHAUSTED, before the first)."""
         req = request_pb(prompt, prompt_token_ids, **params)
-        for attempt in range(self.retries + 1):
+        attempt = overloads = 0
+        while True:
             started = False
             try:
                 for msg in self._stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata):
@@ -137,12 +157,18 @@ class Client:
                     yield msg
                 return
             except grpc.RpcError as e:
+                wait_s = None if started else retry_after_s(e)
+                if wait_s is not None and overloads < self.overload_retries:
+                    overloads += 1
+                    time.sleep(wait_s)
+                    continue
                 error = _as_unavailable(e)
                 if started or error.code() not in RETRYABLE or attempt == self.retries:
                     if error is e:
                         raise
                     raise error from e
                 time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt))
+                attempt += 1
 
     def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, **params) -> Reply:
         """Run one request to the end and return everything it produced."""

@@ -20,7 +20,9 @@ VERIFIER = "Verifier"
 DRAFTER = "Drafter"
 DEFAULT_GRPC_PORT = 50051
 SERVICER_FUNCTIONS = [
-    "specserve.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
+    # the generated add_GenerationServicer_to_server, except that bytes which do not parse as a
+    # GenerateRequest are INVALID_ARGUMENT naming the field instead of gRPC's UNKNOWN
+    "specserve.actors.convert.add_generation_servicer",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 

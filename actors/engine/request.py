@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+MIN_TEMPERATURE = 1e-6  # smallest temperature > 0 that samples (see SamplingParams._zero_or_samplable)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
 
 class InvalidRequestError(ValueError):
     """A request parameter is out of range; `field` names it (maps to INVALID_ARGUMENT)."""
@@ -24,19 +28,33 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_tokens: int = Field(128, ge=1, le=1_000_000, description="Most tokens to generate.")
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy; > 0 samples from p.")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, allow_inf_nan=False,
+                               description=f"0 = greedy; >= {MIN_TEMPERATURE:g} samples from p.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = off.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass to keep; 1 = off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus mass to keep; 1 = off.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed for reproducible sampling.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings; the text ends before them.")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS,
+                            description="Stop strings; the text ends before them.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end generation.")
     ignore_eos: bool = Field(False, description="Keep generating past the model's EOS token.")
 
+    @field_validator("temperature")
+    @classmethod
+    def _zero_or_samplable(cls, temperature: float) -> float:
+        # p is computed in float32: logits / temperature overflows to inf (and p to NaN) for
+        # temperatures near float32's smallest normal number, and a float64 subnormal becomes 0
+        if 0.0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return temperature
+
     @field_validator("stop")
     @classmethod
-    def _no_empty_stop_strings(cls, stop: list[str]) -> list[str]:
+    def _short_non_empty_stop_strings(cls, stop: list[str]) -> list[str]:
+        # every step compares the text's ending with each stop string's prefixes: bounded work
         if any(s == "" for s in stop):
             raise ValueError("stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
         return stop
 
     @property
@@ -52,7 +70,7 @@ def make_params(**kwargs) -> SamplingParams:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "sampling_params"
-        raise InvalidRequestError(loc, err["msg"]) from None
+        raise InvalidRequestError(loc, err["msg"].removeprefix("Value error, ")) from None
 
 
 @dataclass(frozen=True)
