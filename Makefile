@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench train-demo
+.PHONY: install demo test bench report train-demo
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ test: install
 
 bench: install
 	$(BIN)/specserve bench
+
+# every benchmark the report draws on (about 1.5 hours here), then runs/report/REPORT.md
+report: install
+	$(BIN)/specserve bench --serving --concurrency 1,4,16,32 --prompts 8 --max-tokens 64 --rounds 2
+	$(BIN)/specserve bench --distill
+	$(BIN)/specserve bench --faults
+	$(BIN)/specserve bench --overload
+	SPECSERVE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s tests/cluster/test_hardening.py -k fuzzed
+	$(BIN)/specserve report
 
 train-demo: install
 	$(BIN)/specserve train-demo --out actors/demo/weights

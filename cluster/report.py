@@ -135,8 +135,13 @@ def table_section(data: dict) -> str:
     text = ""
     if data.get("summary"):
         text += markdown_table([data["summary"]]) + "\n"
-    if data.get("rows"):
-        text += markdown_table(data["rows"])
+    for key, value in data.items():  # rows and other short lists of records (memory per process, not samples)
+        if isinstance(value, list) and 0 < len(value) <= 40 and all(isinstance(r, dict) for r in value):
+            text += ("" if key == "rows" else f"{key}:\n\n") + markdown_table(value) + "\n"
+    for key, value in data.items():  # counts such as requests by status
+        if key not in ("summary", "config") and isinstance(value, dict) and value and \
+                all(isinstance(v, (int, float)) for v in value.values()):
+            text += f"{key}:\n\n" + markdown_table([value]) + "\n"
     return text or markdown_table([{k: v for k, v in data.items() if not isinstance(v, (dict, list))}])
 
 
