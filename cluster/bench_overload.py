@@ -22,7 +22,6 @@ carried a retry hint; served outputs that differed from the target's.
 from __future__ import annotations
 
 import collections
-import re
 import socket
 import threading
 import time
@@ -32,7 +31,8 @@ import grpc
 import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
 import psutil  # noqa: E402
 
-from specserve.cluster.client import Client
+from specserve.cluster.client import Client, retry_after_s
+from specserve.cluster.faults import target_reference
 from specserve.cluster.reporting import text_table, write_report
 
 SLOTS = 8  # batch slots, and as many queue places: capacity 16 requests
@@ -40,17 +40,6 @@ PAUSE_S = 0.05
 KINDS = ("Verifier", "Drafter", "Proxy")
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\n\n\ndef walk(path):",
            "    for key, value in items:\n", "return self._cache[", "# Compute the checksum\n"]
-_HINT = re.compile(r"retry after ([0-9.]+) s")
-
-
-def retry_hint_ms(error: grpc.RpcError) -> int | None:
-    """A RESOURCE_EXHAUSTED's retry hint: the `retry-after-ms` trailer if the server could send
-    one (its own TLS port), else the "(retry after S s)" its details end with (Serve's proxy)."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "retry-after-ms":
-            return int(value)
-    match = _HINT.search(error.details() or "")
-    return None if match is None else round(1000 * float(match.group(1)))
 
 
 @dataclass
@@ -71,9 +60,9 @@ class LoadTotals:
         self.codes[code] += 1
         if code == "RESOURCE_EXHAUSTED":
             self.refused_latency_s.append(elapsed_s)
-            hint = retry_hint_ms(error)
-            self.refused_with_hint += hint is not None
-            self.retry_hints_ms[hint] += 1
+            hint_s = retry_after_s(error)
+            self.refused_with_hint += hint_s is not None
+            self.retry_hints_ms[None if hint_s is None else round(1000 * hint_s)] += 1
         elif len(self.other_errors) < 20:
             self.other_errors.append(f"{code}: {error.details()}")
 
@@ -196,21 +185,6 @@ def overload_config(port: int):
         "drafter": {"num_cpus": 0.5, "replicas": 1, "host": "127.0.0.1"},
         "server": {"grpc_port": port, "http_port": _free_port()},
     })
-
-
-def target_reference(prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
-    """The demo target's own greedy continuation of each prompt, decoded alone in this process."""
-    import torch
-
-    from specserve.actors.demo import demo_path
-    from specserve.actors.engine.build import EngineSpec, build_engine
-    from specserve.actors.engine.request import make_params
-
-    engine = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=1, max_seq_len=256,
-                                     dtype=torch.float64))
-    params = make_params(max_tokens=max_tokens, ignore_eos=True)
-    return {p: engine.generate([engine.tokenizer.encode(p, add_special_tokens=False)], params)[0].token_ids
-            for p in prompts}
 
 
 def serves_as_before(address: str, reference: dict[str, list[int]], max_tokens: int) -> dict:

@@ -10,11 +10,9 @@ import tempfile
 import grpc
 import torch
 
-from specserve.actors.demo import demo_path
-from specserve.actors.engine.build import EngineSpec, build_engine
-from specserve.actors.engine.request import make_params
 from specserve.cluster import serving
 from specserve.cluster.config import parse_config
+from specserve.cluster.faults import target_reference
 
 
 def free_port() -> int:
@@ -63,11 +61,4 @@ def target_greedy(prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
     """The demo target's own greedy continuation of each prompt, decoded alone in this process
     (float64, like the served models in these tests)."""
     torch.set_num_threads(1)
-    engine = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=1, max_seq_len=256,
-                                     dtype=torch.float64))
-    want = {}
-    for prompt in prompts:
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        [r] = engine.generate([ids], make_params(max_tokens=max_tokens, ignore_eos=True))
-        want[prompt] = r.token_ids
-    return want
+    return target_reference(prompts, max_tokens)
