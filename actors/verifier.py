@@ -44,7 +44,7 @@ class Verifier:
         use_threads(settings.threads)
         models = settings.models
         cfg = RunnerConfig(settings.max_num_seqs, settings.max_seq_len, None, DTYPES[models.dtype], self.device,
-                           settings.kernels)
+                           settings.kernels, models.lean)
         target = ModelRunner.from_pretrained(models.target_path, cfg)
         self.tokenizer = load_tokenizer(models.target_path)
         self._endpoints: list[DrafterEndpoint] = []

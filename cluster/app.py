@@ -27,7 +27,7 @@ from specserve.cluster.config import SpecserveConfig, parse_config
 
 def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     """Replica settings from a validated config."""
-    models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype)
+    models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype, cfg.models.lean)
     spec, distill = cfg.speculation, cfg.distill
     tap = TapConfig(distill.enabled, **distill.tap.model_dump())
     sec = cfg.security
@@ -51,7 +51,7 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
 
 def distill_specs(cfg: SpecserveConfig) -> tuple[HubSettings, DistillSpec]:
     """The distill hub's settings and the distiller's spec for `cfg` (distill.enabled)."""
-    models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype)
+    models = ModelChoice(cfg.models.target, cfg.models.drafter, cfg.models.dtype, cfg.models.lean)
     d = cfg.distill
     if models.drafter_kind != "model" or models.drafter_path is None:
         raise ValueError("distillation needs a model drafter with a checkpoint (models.drafter)")

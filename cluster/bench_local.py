@@ -3,6 +3,7 @@
 All modes run on the same prompts in the same process, interleaved prompt by prompt so that
 machine noise hits every mode alike:
   plain        our engine, target only (k = 0)
+  plain-modules  the same through transformers' modules (no lean forward; shows what it saves)
   model        our engine with the model drafter
   ngram        our engine with the n-gram (prompt lookup) drafter
   hf-greedy    transformers `generate`, target only (reference)
@@ -27,7 +28,7 @@ from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
 from specserve.cluster.reporting import text_table, write_report
 
-ENGINE_MODES = ("plain", "model", "ngram")
+ENGINE_MODES = ("plain", "plain-modules", "model", "ngram")
 HF_MODES = ("hf-greedy", "hf-assisted")
 
 
@@ -118,9 +119,9 @@ def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, thres
     """Run every mode over the same prompts; returns the table rows and the settings."""
     engines = {}
     for mode in ENGINE_MODES:
-        spec = EngineSpec(demo_path("target"), mode if mode != "plain" else "none",
+        spec = EngineSpec(demo_path("target"), "none" if mode.startswith("plain") else mode,
                           demo_path("drafter") if mode == "model" else None, max_num_seqs=2,
-                          k_max=k_max, confidence_threshold=threshold)
+                          k_max=k_max, confidence_threshold=threshold, lean=mode != "plain-modules")
         engines[mode] = build_engine(spec)
     tokenizer = engines["plain"].tokenizer
     eos = tokenizer.eos_token_id

@@ -42,6 +42,10 @@ class ModelsConfig(Strict):
     drafter: str = Field("model", description="'model' (the demo drafter), 'ngram', 'none' or a checkpoint directory.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
         "float32", description="Weights dtype on the device (float64: bit-stable batching, for tests).")
+    lean: bool = Field(True, description=(
+        "Run chain forwards of Llama, Qwen2 and Mistral models through specserve's lean forward (the same "
+        "weights, fused and pre-transposed, without transformers' per-module overhead: about 1.6x faster "
+        "decoding on a CPU, same logits). false = always transformers' modules."))
 
 
 class Placement(Strict):

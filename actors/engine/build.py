@@ -32,6 +32,8 @@ class EngineSpec:
     confidence_threshold: float = 0.4
     tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
+    lean: bool = True  # chain forwards of Llama-family models through LeanForward (actors/engine/lean.py)
+    lean_target: bool | None = None  # the target's runner alone (None: as `lean`)
 
 
 def load_tokenizer(path: Path):
@@ -51,7 +53,7 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
         return NgramDrafter()
     if spec.drafter_path is None:
         raise ValueError("the model drafter needs a checkpoint path")
-    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels)
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels, spec.lean)
     runner = ModelRunner.from_pretrained(spec.drafter_path, cfg)
     if runner.vocab_size != target_vocab:
         raise ValueError(f"drafter vocabulary ({runner.vocab_size}) differs from the target's ({target_vocab})")
@@ -62,7 +64,8 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
 
 def build_engine(spec: EngineSpec) -> SpeculativeEngine:
     """Load the target (and drafter) and return a ready engine."""
-    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels)
+    lean_target = spec.lean if spec.lean_target is None else spec.lean_target
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels, lean_target)
     target = ModelRunner.from_pretrained(spec.target, cfg)
     drafter = build_drafter(spec, target.vocab_size)
     policy = DraftLengthConfig(k_max=spec.k_max, tree_nodes=spec.tree_nodes if spec.drafter == "model" else 0)

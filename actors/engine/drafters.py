@@ -205,6 +205,7 @@ class ModelDrafter(BaseDrafter):
         if set(state) != set(current) or any(state[k].shape != current[k].shape for k in current):
             raise ValueError(f"weights {version} do not fit this drafter's architecture")
         model.load_state_dict(state)
+        self.runner.weights_changed()
         self.weight_version = version
         for st in self.seqs.values():
             st.fed = 0

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask, PagedBlock  # importing registers it
+from specserve.actors.engine import lean
 from specserve.actors.engine.kv_cache import CacheShape, KVCache, StepLayout
+from specserve.actors.engine.lean import LeanForward
 from specserve.kernels import dispatch
 from specserve.kernels.dispatch import Backend
 from specserve.kernels.tree_attention import MAX_BLOCK as PAGED_MAX_BLOCK
@@ -33,6 +35,7 @@ class RunnerConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     kernels: Backend = "auto"  # torch reference or Triton for the cache kernels (kernels/dispatch.py)
+    lean: bool = False  # chain blocks through LeanForward (actors/engine/lean.py) where the model allows
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -68,11 +71,17 @@ class ModelRunner:
                              self.device, cfg.kv_budget_bytes)
         # the paged attention kernel reads cache rows in place (Triton on CUDA, see kernels/dispatch.py)
         self.paged = dispatch.use_triton(self.device, cfg.kernels)
+        self.lean = LeanForward(model, self.cache) if cfg.lean and lean.supports(model) and not self.paged else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cfg: RunnerConfig = RunnerConfig()) -> "ModelRunner":
         """A runner for the checkpoint directory at `path`."""
         return cls(load_model(path, cfg.dtype, cfg.device), cfg)
+
+    def weights_changed(self) -> None:
+        """The model's weights were replaced in place (hot swap): re-read them where copied."""
+        if self.lean is not None:
+            self.lean.refresh()
 
     @staticmethod
     def vocab_size_of(path: str | Path) -> int:
@@ -132,6 +141,11 @@ class ModelRunner:
             # right-padding a long row would run a nearly full sequence past its cache row
             return self._forward_rows(slots, tokens, n_valid, block, depth, logits_to_keep)
         prefix = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.long)
+        if self.lean is not None and block is None and depth is None:
+            out = self.lean.forward(slots, tokens, prefix, logits_to_keep)
+            for slot, nv in zip(slots, n_valid):
+                self.cache.lengths[slot] += nv
+            return out
         offsets = torch.arange(n).expand(batch, n)
         positions = prefix.unsqueeze(1) + (offsets if depth is None else depth)
         kv_len = int(prefix.max()) + n

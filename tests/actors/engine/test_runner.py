@@ -20,6 +20,12 @@ def reference(request):
     return build_model(family_config(request.param), seed=0)
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["transformers", "lean"])
+def lean(request):
+    """Chain forwards through transformers' modules, or through LeanForward (where the family allows)."""
+    return request.param
+
+
 def random_tokens(n: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 96, (n,), generator=gen).tolist()
@@ -42,9 +48,9 @@ def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
 # ---- chains ---------------------------------------------------------------------------------------
 
 
-def test_prefill_in_chunks_of_different_sizes_matches_one_full_forward(reference):
+def test_prefill_in_chunks_of_different_sizes_matches_one_full_forward(reference, lean):
     seq = random_tokens(24, seed=1)
-    r = runner(reference)
+    r = runner(reference, lean=lean)
     slot = r.add_sequence()
     chunks, start = [], 0
     for size in (1, 7, 1, 2, WINDOW + 3, 4):  # one chunk longer than the sliding window
@@ -54,10 +60,10 @@ def test_prefill_in_chunks_of_different_sizes_matches_one_full_forward(reference
     assert r.length(slot) == 24
 
 
-def test_a_batch_of_sequences_with_different_cached_lengths_matches_each_full_forward(reference):
+def test_a_batch_of_sequences_with_different_cached_lengths_matches_each_full_forward(reference, lean):
     seqs = [random_tokens(24, seed=10 + i) for i in range(3)]
     cached, steps = (3, 11, 17), ((4, 1, 6), (2, 5, 1))  # two padded steps: the second overwrites padding
-    r = runner(reference)
+    r = runner(reference, lean=lean)
     slots = [r.add_sequence() for _ in seqs]
     for slot, seq, c in zip(slots, seqs, cached):
         feed(r, slot, seq[:c])
@@ -85,9 +91,9 @@ def test_a_long_row_batched_with_a_nearly_full_sequence_stays_within_the_cache()
     torch.testing.assert_close(logits[1], reference_logits(reference, prompt), atol=ATOL, rtol=0)
 
 
-def test_rollback_then_different_tokens_gives_the_logits_of_the_new_sequence(reference):
+def test_rollback_then_different_tokens_gives_the_logits_of_the_new_sequence(reference, lean):
     prefix, old, new = random_tokens(12, seed=4), random_tokens(6, seed=5), random_tokens(6, seed=6)
-    r = runner(reference)
+    r = runner(reference, lean=lean)
     slot = r.add_sequence()
     feed(r, slot, prefix + old)
     r.truncate(slot, 14)  # keep two of the old tokens, as after accepting two drafts
@@ -97,8 +103,8 @@ def test_rollback_then_different_tokens_gives_the_logits_of_the_new_sequence(ref
     assert r.length(slot) == 20
 
 
-def test_a_reused_slot_does_not_see_the_previous_sequence(reference):
-    r = runner(reference, max_num_seqs=1)
+def test_a_reused_slot_does_not_see_the_previous_sequence(reference, lean):
+    r = runner(reference, max_num_seqs=1, lean=lean)
     slot = r.add_sequence()
     feed(r, slot, random_tokens(30, seed=7))
     r.free(slot)
@@ -135,11 +141,11 @@ def root_path(parents: tuple[int, ...], node: int) -> list[int]:
     return path[::-1]
 
 
-def test_a_tree_mask_gives_every_node_the_logits_of_its_root_to_node_path(reference):
+def test_a_tree_mask_gives_every_node_the_logits_of_its_root_to_node_path(reference, lean):
     prefixes = [random_tokens(9, seed=20), random_tokens(3, seed=21)]  # deep enough for the window
     nodes = [random_tokens(len(PARENTS), seed=22), random_tokens(len(PARENTS), seed=23)]
     block, depth = tree_mask(PARENTS)
-    r = runner(reference)
+    r = runner(reference, lean=lean)
     slots = [r.add_sequence() for _ in prefixes]
     for slot, prefix in zip(slots, prefixes):
         feed(r, slot, prefix)

@@ -59,9 +59,11 @@ def clone(model, attn: str = "sdpa"):
     return twin
 
 
-def runner(model, max_num_seqs: int = 4, max_seq_len: int = 128) -> ModelRunner:
-    """A float64 runner over a clone of `model`, so `model` stays a plain transformers reference."""
-    cfg = RunnerConfig(max_num_seqs=max_num_seqs, max_seq_len=max_seq_len, dtype=torch.float64)
+def runner(model, max_num_seqs: int = 4, max_seq_len: int = 128, lean: bool = False) -> ModelRunner:
+    """A float64 runner over a clone of `model`, so `model` stays a plain transformers reference.
+
+    lean: chain forwards through LeanForward (Llama, Qwen2, Mistral) instead of transformers' modules."""
+    cfg = RunnerConfig(max_num_seqs=max_num_seqs, max_seq_len=max_seq_len, dtype=torch.float64, lean=lean)
     return ModelRunner(clone(model), cfg)
 
 

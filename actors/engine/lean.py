@@ -1,0 +1,149 @@
+"""LeanForward: the same model's forward in as few tensor operations as possible.
+
+On a CPU, a small model's forward through transformers' modules costs mostly per-operation
+framework overhead, not arithmetic: the demo drafter's two layers take ~2.8 ms of which the
+matrix products are well under one. A drafter step that is a large fraction of a target step
+eats most of what speculation gains, so drafters run this path instead.
+
+It reads the weights of the very model the runner holds (Llama, Qwen2 and Mistral families),
+fuses q/k/v and gate/up into one product each, stores every weight pre-transposed (a CPU
+matrix-vector product over a contiguous [in, out] matrix is about twice as fast as over
+nn.Linear's [out, in]), and keeps the rotary tables for every cache position. Attention and
+masks are the runner's own (`specserve_attention`, `BlockMask.chain`), and keys and values go
+into the same `KVCache`, so the two paths can take turns on one sequence. It covers chain
+blocks; token trees and other architectures take transformers' path. `refresh()` after the
+model's weights change (hot swap). Tests hold its logits to transformers' forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from specserve.actors.engine.attention import BlockMask, specserve_attention
+from specserve.actors.engine.kv_cache import KVCache
+
+LEAN_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend only on the position
+
+
+def supports(model) -> bool:
+    """Whether `model` can run the lean path."""
+    cfg = model.config
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    act = getattr(cfg, "hidden_act", "silu")
+    return cfg.model_type in LEAN_MODEL_TYPES and rope in _STATIC_ROPE and act == "silu"
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as these families' modules compute it (statistics in float32)."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().t().contiguous()
+
+
+class _Layer:
+    """One decoder layer's weights, fused and transposed."""
+
+    def __init__(self, layer, window: int | None):
+        att, mlp = layer.self_attn, layer.mlp
+        self.qkv = _t(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))  # [hidden, q+k+v]
+        biases = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
+        self.qkv_bias = None if biases[0] is None else torch.cat(biases).detach()
+        self.o = _t(att.o_proj.weight)
+        self.gate_up = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))  # [hidden, 2 * inter]
+        self.down = _t(mlp.down_proj.weight)
+        self.norm_in = layer.input_layernorm.weight.detach()
+        self.norm_post = layer.post_attention_layernorm.weight.detach()
+        self.scaling = att.scaling
+        self.window = window
+
+
+class LeanForward:
+    """Chain-block forwards of a Llama-family model over a runner's KV cache."""
+
+    def __init__(self, model, cache: KVCache):
+        if not supports(model):
+            raise ValueError(f"the lean forward does not cover model_type {model.config.model_type!r}")
+        self.model, self.cache = model, cache
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = cfg.rms_norm_eps
+        self.refresh()
+
+    def _window(self, layer) -> int | None:
+        cfg = self.model.config
+        if cfg.model_type == "mistral":
+            return getattr(cfg, "sliding_window", None)
+        return getattr(layer.self_attn, "sliding_window", None)
+
+    @torch.inference_mode()
+    def refresh(self) -> None:
+        """Re-read the model's weights (after they were replaced)."""
+        inner = self.model.model
+        self.layers = [_Layer(layer, self._window(layer)) for layer in inner.layers]
+        self.embed = inner.embed_tokens.weight.detach()
+        self.norm = inner.norm.weight.detach()
+        self.lm_head = _t(self.model.lm_head.weight)
+        positions = torch.arange(self.cache.capacity, device=self.embed.device).unsqueeze(0)
+        probe = torch.zeros(1, 1, self.head_dim, dtype=self.embed.dtype, device=self.embed.device)
+        cos, sin = inner.rotary_emb(probe, positions)
+        half = self.head_dim // 2
+        self.cos = cos[0]  # [capacity, head_dim]
+        # rotate_half(x) * sin == cat(x2, x1) * [-sin1, sin2]: the sign folds into the table
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, slots: list[int], tokens: torch.Tensor, prefix: torch.Tensor, logits_to_keep: int = 0):
+        """Append `tokens` ([batch, n], right-padded rows allowed) after each row's `prefix`
+        cached tokens and return logits.  # [batch, n', vocab]
+
+        The caller (ModelRunner.forward) checked room and advances the lengths."""
+        batch, n = tokens.shape
+        dev = self.embed.device
+        tokens = tokens.to(dev)
+        positions = (prefix.unsqueeze(1) + torch.arange(n)).to(dev)  # [batch, n]
+        kv_len = int(prefix.max()) + n
+        mask = BlockMask.chain(prefix, n, kv_len).to(dev)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [batch, n, 1, head_dim]
+        single = batch == 1
+        if single:
+            slot, start = slots[0], int(prefix[0])
+        else:
+            rows = torch.tensor(slots, device=dev).unsqueeze(1).expand(batch, n)
+            slot_t = torch.tensor(slots, device=dev)
+        nq, nk, hd, half = self.heads, self.kv_heads, self.head_dim, self.head_dim // 2
+        h = self.embed[tokens]  # [batch, n, hidden]
+        for i, lw in enumerate(self.layers):
+            x = _rms_norm(h, lw.norm_in, self.eps)
+            qkv = x @ lw.qkv if lw.qkv_bias is None else torch.addmm(lw.qkv_bias, x.flatten(0, 1), lw.qkv).view(
+                batch, n, -1)
+            qkv = qkv.view(batch, n, nq + 2 * nk, hd)
+            qk, v = qkv[:, :, : nq + nk], qkv[:, :, nq + nk :]
+            qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary on q and k
+            q, k = qk[:, :, :nq], qk[:, :, nq:]
+            k_store, v_store = self.cache.keys[i], self.cache.values[i]
+            if single:
+                k_store[slot, start : start + n] = k[0]
+                v_store[slot, start : start + n] = v[0]
+                k_all, v_all = k_store[slot : slot + 1, :kv_len], v_store[slot : slot + 1, :kv_len]
+            else:
+                k_store[rows, positions] = k.to(k_store.dtype)
+                v_store[rows, positions] = v.to(v_store.dtype)
+                k_all = k_store[:, :kv_len].index_select(0, slot_t)
+                v_all = v_store[:, :kv_len].index_select(0, slot_t)
+            att, _ = specserve_attention(None, q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), None,
+                                         scaling=lw.scaling, sliding_window=lw.window, block_mask=mask)
+            h = h + att.view(batch, n, nq * hd) @ lw.o
+            x = _rms_norm(h, lw.norm_post, self.eps)
+            gate, up = (x @ lw.gate_up).chunk(2, dim=-1)
+            h = h + (F.silu(gate) * up) @ lw.down
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return _rms_norm(h, self.norm, self.eps) @ self.lm_head
