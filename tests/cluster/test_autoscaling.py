@@ -28,7 +28,7 @@ STREAMS = 6  # concurrent streams: 6 sequences / 2 per replica asks for 3, cappe
 NEW_TOKENS = 160  # long streams: several seconds each, so the load stays up between requests
 LOAD_LIMIT_S = 150.0  # the load never runs longer, whatever happens
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_sequences_per_replica": 2,
-               "upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "look_back_period_s": 12.0}
+               "upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "look_back_period_s": 6.0}
 
 
 @pytest.fixture(scope="module")
