@@ -185,7 +185,10 @@ class RemoteDrafterPool(BaseDrafter):
         rs.waiting, rs.result, rs.k, rs.nodes = False, None, k, nodes
         if rs.link is None and now >= rs.retry_at and k > 0:  # no drafter work while speculation is off
             self._attach(seq_id, rs, k, nodes)
-        elif rs.link is not None and rs.verdicts:
+        elif rs.link is not None and rs.verdicts and k > 0:
+            # verdicts wait while speculation is off for the sequence: the drafter catches up
+            # in one message (and one forward) when drafts are wanted again, and costs the
+            # CPUs it may share with the verifier nothing meanwhile
             for i, (accepted, nxt, path) in enumerate(rs.verdicts):
                 last = i == len(rs.verdicts) - 1
                 rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0, path, nodes if last else 0))
