@@ -62,7 +62,7 @@ def speculative_samples(target, drafter, tree: bool = False) -> tuple[torch.Tens
 
     tree: token trees of 5 nodes, depth 3, up to 3 siblings drawn without replacement.
     """
-    rc = RunnerConfig(max_num_seqs=256, max_seq_len=32, dtype=torch.float64)
+    rc = RunnerConfig(max_num_seqs=256, max_seq_len=32, dtype=torch.float64, lean=True)  # chains: lean forward
     t = copy.deepcopy(target)
     if tree:
         d = TreeDrafter(ModelRunner(copy.deepcopy(drafter), rc), branching=3)
