@@ -9,9 +9,9 @@ It reads the weights of the very model the runner holds (Llama, Qwen2 and Mistra
 fuses q/k/v and gate/up into one product each, stores every weight pre-transposed (a CPU
 matrix-vector product over a contiguous [in, out] matrix is about twice as fast as over
 nn.Linear's [out, in]), and keeps the rotary tables for every cache position. Attention and
-masks are the runner's own (`specserve_attention`, `BlockMask.chain`), and keys and values go
-into the same `KVCache`, so the two paths can take turns on one sequence. It covers chain
-blocks; token trees and other architectures take transformers' path. `refresh()` after the
+masks are the runner's own (`specserve_attention`, `BlockMask`), and keys and values go into
+the same `KVCache`, so the two paths can take turns on one sequence. It covers chains and
+token trees; other architectures take transformers' path. `refresh()` after the
 model's weights change (hot swap). Tests hold its logits to transformers' forward.
 """
 
@@ -64,7 +64,7 @@ class _Layer:
 
 
 class LeanForward:
-    """Chain-block forwards of a Llama-family model over a runner's KV cache."""
+    """Forwards of a Llama-family model (chains and token trees) over a runner's KV cache."""
 
     def __init__(self, model, cache: KVCache):
         if not supports(model):
@@ -100,17 +100,20 @@ class LeanForward:
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], tokens: torch.Tensor, prefix: torch.Tensor, logits_to_keep: int = 0):
+    def forward(self, slots: list[int], tokens: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor,
+                mask: BlockMask, logits_to_keep: int = 0):
         """Append `tokens` ([batch, n], right-padded rows allowed) after each row's `prefix`
         cached tokens and return logits.  # [batch, n', vocab]
 
-        The caller (ModelRunner.forward) checked room and advances the lengths."""
+        positions: [batch, n] logical positions (prefix + j for a chain, prefix + depth in a
+        tree); the cache stores new token j at prefix + j. mask: the runner's BlockMask for the
+        block. The caller (ModelRunner.forward) checked room and advances the lengths."""
         batch, n = tokens.shape
         dev = self.embed.device
         tokens = tokens.to(dev)
-        positions = (prefix.unsqueeze(1) + torch.arange(n)).to(dev)  # [batch, n]
         kv_len = int(prefix.max()) + n
-        mask = BlockMask.chain(prefix, n, kv_len).to(dev)
+        write = (prefix.unsqueeze(1) + torch.arange(n)).to(dev)  # [batch, n] cache index of each new token
+        positions = positions.to(dev)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [batch, n, 1, head_dim]
         single = batch == 1
         if single:
@@ -134,8 +137,8 @@ class LeanForward:
                 v_store[slot, start : start + n] = v[0]
                 k_all, v_all = k_store[slot : slot + 1, :kv_len], v_store[slot : slot + 1, :kv_len]
             else:
-                k_store[rows, positions] = k.to(k_store.dtype)
-                v_store[rows, positions] = v.to(v_store.dtype)
+                k_store[rows, write] = k.to(k_store.dtype)
+                v_store[rows, write] = v.to(v_store.dtype)
                 k_all = k_store[:, :kv_len].index_select(0, slot_t)
                 v_all = v_store[:, :kv_len].index_select(0, slot_t)
             att, _ = specserve_attention(None, q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), None,

@@ -35,7 +35,7 @@ class RunnerConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     kernels: Backend = "auto"  # torch reference or Triton for the cache kernels (kernels/dispatch.py)
-    lean: bool = False  # chain blocks through LeanForward (actors/engine/lean.py) where the model allows
+    lean: bool = False  # forwards through LeanForward (actors/engine/lean.py) where the model allows
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -141,11 +141,6 @@ class ModelRunner:
             # right-padding a long row would run a nearly full sequence past its cache row
             return self._forward_rows(slots, tokens, n_valid, block, depth, logits_to_keep)
         prefix = torch.tensor([self.cache.lengths[s] for s in slots], dtype=torch.long)
-        if self.lean is not None and block is None and depth is None:
-            out = self.lean.forward(slots, tokens, prefix, logits_to_keep)
-            for slot, nv in zip(slots, n_valid):
-                self.cache.lengths[slot] += nv
-            return out
         offsets = torch.arange(n).expand(batch, n)
         positions = prefix.unsqueeze(1) + (offsets if depth is None else depth)
         kv_len = int(prefix.max()) + n
@@ -162,6 +157,11 @@ class ModelRunner:
             block = chain_block(n_valid, n) if block is None else block
             mask = BlockMask.build(prefix, block, positions, kv_len)
         mask = mask.to(self.device)
+        if self.lean is not None:
+            out = self.lean.forward(slots, tokens, prefix, positions, mask, logits_to_keep)
+            for slot, nv in zip(slots, n_valid):
+                self.cache.lengths[slot] += nv
+            return out
         single = (slots[0], self.cache.lengths[slots[0]]) if batch == 1 else None
         self.cache.layout = StepLayout(slot_t.to(self.device), (prefix.unsqueeze(1) + offsets).to(self.device),
                                        kv_len, single, paged)

@@ -1,5 +1,5 @@
 """LeanForward: engaged where it should be, equal to transformers' modules, and it follows weight
-swaps. (Logits against transformers' own forward for every chain case run in test_runner.py with
+swaps. (Logits against transformers' own forward for every chain and tree case run in test_runner.py with
 `lean` on; greedy equality with `generate` in test_greedy_lossless.py.)"""
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ NEW_TOKENS = 16
 PROMPTS = [[7], [3, 41, 9, 88], [5, 6, 7, 5, 6, 7, 5, 6, 7], list(range(20, 34))]
 
 
-def tree_engine(target, drafter: TreeDrafter, depth: int, nodes: int) -> SpeculativeEngine:
+def tree_engine(target, drafter: TreeDrafter, depth: int, nodes: int, lean: bool = False) -> SpeculativeEngine:
     """An engine that asks for trees of `nodes` tokens and depth `depth` whenever there is room."""
     policy = DraftLengthConfig(k_max=depth, alpha_ema=0.0, tree_nodes=nodes)
-    engine = SpeculativeEngine(runner(target), None, drafter, policy=policy)
+    engine = SpeculativeEngine(runner(target, lean=lean), None, drafter, policy=policy)
     engine.cost = AlwaysDraftCost(policy)
     return engine
 
@@ -32,12 +32,13 @@ def family(request):
     return target, drafter, [hf_greedy(target, p, NEW_TOKENS) for p in PROMPTS]
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["transformers", "lean"])
 @pytest.mark.parametrize("depth,nodes", [(1, 3), (3, 6), (4, 12)])
-def test_greedy_tree_output_equals_transformers_generate(family, depth, nodes):
+def test_greedy_tree_output_equals_transformers_generate(family, depth, nodes, lean):
     target, drafter_model, want = family
-    drafter = TreeDrafter(runner(drafter_model), branching=3)
+    drafter = TreeDrafter(runner(drafter_model, lean=lean), branching=3)
     drafts = record_drafts(drafter)
-    engine = tree_engine(target, drafter, depth, nodes)
+    engine = tree_engine(target, drafter, depth, nodes, lean)
     assert [r.token_ids for r in engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))] == want
     assert max(len(d.tokens) for d in drafts) == nodes  # the budget was really used
     assert any(d.parents.count(-1) > 1 for d in drafts)  # and branched at the root
