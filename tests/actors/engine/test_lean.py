@@ -1,6 +1,6 @@
 """LeanForward: engaged where it should be, equal to transformers' modules, and it follows weight
-swaps. (Logits against transformers' own forward for every chain and tree case run in test_runner.py with
-`lean` on; greedy equality with `generate` in test_greedy_lossless.py.)"""
+swaps. Logits against transformers' own forward for every chain and tree case run in
+test_runner.py with `lean` on; greedy trees in test_tree_drafting.py; greedy chains below."""
 
 from __future__ import annotations
 
