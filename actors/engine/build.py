@@ -33,7 +33,6 @@ class EngineSpec:
     tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
     lean: bool = True  # chain forwards of Llama-family models through LeanForward (actors/engine/lean.py)
-    lean_target: bool | None = None  # the target's runner alone (None: as `lean`)
 
 
 def load_tokenizer(path: Path):
@@ -64,8 +63,7 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
 
 def build_engine(spec: EngineSpec) -> SpeculativeEngine:
     """Load the target (and drafter) and return a ready engine."""
-    lean_target = spec.lean if spec.lean_target is None else spec.lean_target
-    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels, lean_target)
+    cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels, spec.lean)
     target = ModelRunner.from_pretrained(spec.target, cfg)
     drafter = build_drafter(spec, target.vocab_size)
     policy = DraftLengthConfig(k_max=spec.k_max, tree_nodes=spec.tree_nodes if spec.drafter == "model" else 0)
