@@ -22,7 +22,7 @@ class ModelChoice:
     target: str | None = None
     drafter: str = "model"  # model | ngram | none | a checkpoint directory
     dtype: str = "float32"
-    lean: bool = True  # chain forwards through LeanForward where the model allows (actors/engine/lean.py)
+    lean: bool = True  # forwards through LeanForward where the model allows (actors/engine/lean.py)
 
     @property
     def target_path(self) -> Path:

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import grpc
 
+from specserve.actors.errors import RETRY_AFTER_KEY
 from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -69,7 +70,7 @@ def retry_after_s(error: grpc.RpcError) -> float | None:
     if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
     for key, value in error.trailing_metadata() or ():
-        if key == "retry-after-ms":
+        if key == RETRY_AFTER_KEY:
             return int(value) / 1000
     match = _RETRY_AFTER.search(error.details() or "")
     return None if match is None else float(match.group(1))

@@ -32,7 +32,7 @@ class EngineSpec:
     confidence_threshold: float = 0.4
     tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
-    lean: bool = True  # chain forwards of Llama-family models through LeanForward (actors/engine/lean.py)
+    lean: bool = True  # forwards of Llama-family models through LeanForward (actors/engine/lean.py)
 
 
 def load_tokenizer(path: Path):

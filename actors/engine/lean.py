@@ -3,7 +3,9 @@
 On a CPU, a small model's forward through transformers' modules costs mostly per-operation
 framework overhead, not arithmetic: the demo drafter's two layers take ~2.8 ms of which the
 matrix products are well under one. A drafter step that is a large fraction of a target step
-eats most of what speculation gains, so drafters run this path instead.
+eats most of what speculation gains, and a target step is overhead-bound the same way.
+
+The runner runs targets and drafters alike through it where the model allows.
 
 It reads the weights of the very model the runner holds (Llama, Qwen2 and Mistral families),
 fuses q/k/v and gate/up into one product each, stores every weight pre-transposed (a CPU
@@ -100,29 +102,19 @@ class LeanForward:
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], tokens: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor,
-                mask: BlockMask, logits_to_keep: int = 0):
-        """Append `tokens` ([batch, n], right-padded rows allowed) after each row's `prefix`
-        cached tokens and return logits.  # [batch, n', vocab]
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: BlockMask, logits_to_keep: int = 0):
+        """Logits of a block of new tokens ([batch, n], right-padded rows allowed).  # [batch, n', vocab]
 
         positions: [batch, n] logical positions (prefix + j for a chain, prefix + depth in a
-        tree); the cache stores new token j at prefix + j. mask: the runner's BlockMask for the
-        block. The caller (ModelRunner.forward) checked room and advances the lengths."""
+        tree); mask: the runner's BlockMask for the block. Keys and values go through
+        `KVCache.update` under the layout the caller (ModelRunner.forward) set, which also
+        checked room and advances the lengths."""
         batch, n = tokens.shape
         dev = self.embed.device
-        tokens = tokens.to(dev)
-        kv_len = int(prefix.max()) + n
-        write = (prefix.unsqueeze(1) + torch.arange(n)).to(dev)  # [batch, n] cache index of each new token
         positions = positions.to(dev)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [batch, n, 1, head_dim]
-        single = batch == 1
-        if single:
-            slot, start = slots[0], int(prefix[0])
-        else:
-            rows = torch.tensor(slots, device=dev).unsqueeze(1).expand(batch, n)
-            slot_t = torch.tensor(slots, device=dev)
         nq, nk, hd, half = self.heads, self.kv_heads, self.head_dim, self.head_dim // 2
-        h = self.embed[tokens]  # [batch, n, hidden]
+        h = self.embed[tokens.to(dev)]  # [batch, n, hidden]
         for i, lw in enumerate(self.layers):
             x = _rms_norm(h, lw.norm_in, self.eps)
             qkv = x @ lw.qkv if lw.qkv_bias is None else torch.addmm(lw.qkv_bias, x.flatten(0, 1), lw.qkv).view(
@@ -131,17 +123,8 @@ class LeanForward:
             qk, v = qkv[:, :, : nq + nk], qkv[:, :, nq + nk :]
             qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary on q and k
             q, k = qk[:, :, :nq], qk[:, :, nq:]
-            k_store, v_store = self.cache.keys[i], self.cache.values[i]
-            if single:
-                k_store[slot, start : start + n] = k[0]
-                v_store[slot, start : start + n] = v[0]
-                k_all, v_all = k_store[slot : slot + 1, :kv_len], v_store[slot : slot + 1, :kv_len]
-            else:
-                k_store[rows, write] = k.to(k_store.dtype)
-                v_store[rows, write] = v.to(v_store.dtype)
-                k_all = k_store[:, :kv_len].index_select(0, slot_t)
-                v_all = v_store[:, :kv_len].index_select(0, slot_t)
-            att, _ = specserve_attention(None, q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), None,
+            k_all, v_all = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # [batch, nk, kv_len, hd]
+            att, _ = specserve_attention(None, q.transpose(1, 2), k_all, v_all, None,
                                          scaling=lw.scaling, sliding_window=lw.window, block_mask=mask)
             h = h + att.view(batch, n, nq * hd) @ lw.o
             x = _rms_norm(h, lw.norm_post, self.eps)

@@ -17,7 +17,6 @@ import torch
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION, BlockMask, PagedBlock  # importing registers it
 from specserve.actors.engine import lean
 from specserve.actors.engine.kv_cache import CacheShape, KVCache, StepLayout
-from specserve.actors.engine.lean import LeanForward
 from specserve.kernels import dispatch
 from specserve.kernels.dispatch import Backend
 from specserve.kernels.tree_attention import MAX_BLOCK as PAGED_MAX_BLOCK
@@ -71,7 +70,7 @@ class ModelRunner:
                              self.device, cfg.kv_budget_bytes)
         # the paged attention kernel reads cache rows in place (Triton on CUDA, see kernels/dispatch.py)
         self.paged = dispatch.use_triton(self.device, cfg.kernels)
-        self.lean = LeanForward(model, self.cache) if cfg.lean and lean.supports(model) and not self.paged else None
+        self.lean = lean.LeanForward(model, self.cache) if cfg.lean and lean.supports(model) and not self.paged else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cfg: RunnerConfig = RunnerConfig()) -> "ModelRunner":
@@ -157,25 +156,23 @@ class ModelRunner:
             block = chain_block(n_valid, n) if block is None else block
             mask = BlockMask.build(prefix, block, positions, kv_len)
         mask = mask.to(self.device)
-        if self.lean is not None:
-            out = self.lean.forward(slots, tokens, prefix, positions, mask, logits_to_keep)
-            for slot, nv in zip(slots, n_valid):
-                self.cache.lengths[slot] += nv
-            return out
         single = (slots[0], self.cache.lengths[slots[0]]) if batch == 1 else None
         self.cache.layout = StepLayout(slot_t.to(self.device), (prefix.unsqueeze(1) + offsets).to(self.device),
                                        kv_len, single, paged)
-        out = self.model(
-            input_ids=tokens.to(self.device),
-            position_ids=positions.to(self.device),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            block_mask=mask,
-        )
+        if self.lean is not None:
+            logits = self.lean.forward(tokens, positions, mask, logits_to_keep)
+        else:
+            logits = self.model(
+                input_ids=tokens.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                block_mask=mask,
+            ).logits
         for slot, nv in zip(slots, n_valid):
             self.cache.lengths[slot] += nv
-        return out.logits
+        return logits
 
     def _forward_rows(self, slots, tokens, n_valid, block, depth, logits_to_keep) -> torch.Tensor:
         """The batch as one forward per row (each unpadded), logits stacked back as [batch, n', vocab]."""
