@@ -27,7 +27,12 @@ def _generate(args: argparse.Namespace) -> int:
     from specserve.cluster.local import generate_local, set_threads
 
     if args.server:
+        from specserve.actors.engine.request import InvalidRequestError
         from specserve.cluster.commands import generate_remote
+
+        if args.fixed_k is not None:
+            raise InvalidRequestError("fixed_k", "applies in-process only; a server drafts as its config's "
+                                                 "speculation section says")
 
         return generate_remote(args)
 
@@ -110,6 +115,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--target", default=None, help="target checkpoint directory (default: the demo target)")
     p.add_argument("--k-max", type=int, default=8, help="longest draft block")
     p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence below which drafting stops")
+    p.add_argument("--fixed-k", type=int, default=None,
+                   help="draft exactly this many tokens every step instead of the cost model's choice (in-process)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one is fastest for the small demo models at batch 1)")

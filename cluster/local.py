@@ -14,7 +14,7 @@ from specserve.actors.engine.request import GenerationResult, InvalidRequestErro
 
 
 def engine_spec(target: str | None, drafter: str, k_max: int = 8, threshold: float = 0.4,
-                max_num_seqs: int = 8, max_seq_len: int = 2048) -> EngineSpec:
+                max_num_seqs: int = 8, max_seq_len: int = 2048, fixed_k: int | None = None) -> EngineSpec:
     """EngineSpec from CLI flags: `drafter` is a kind (model/ngram/none) or a checkpoint path."""
     target_path = Path(target) if target else demo_path("target")
     if drafter in DRAFTER_KINDS:
@@ -25,7 +25,7 @@ def engine_spec(target: str | None, drafter: str, k_max: int = 8, threshold: flo
         if not (drafter_path / "config.json").exists():
             raise InvalidRequestError("drafter", f"expected one of {DRAFTER_KINDS} or a checkpoint directory, got {drafter!r}")
     return EngineSpec(target_path, kind, drafter_path, max_num_seqs=max_num_seqs, max_seq_len=max_seq_len,
-                      k_max=k_max, confidence_threshold=threshold)
+                      k_max=k_max, confidence_threshold=threshold, fixed_k=fixed_k)
 
 
 def result_json(result: GenerationResult) -> dict:
@@ -58,7 +58,9 @@ def generate_local(args) -> int:
     """`specserve generate` without --server: run the request in this process."""
     params = make_params(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=args.stop or [])
-    engine = build_engine(engine_spec(args.target, args.drafter, args.k_max, args.threshold))
+    if args.fixed_k is not None and not 1 <= args.fixed_k <= 32:
+        raise InvalidRequestError("fixed_k", f"must be in [1, 32], got {args.fixed_k}")
+    engine = build_engine(engine_spec(args.target, args.drafter, args.k_max, args.threshold, fixed_k=args.fixed_k))
     prompt_ids = engine.tokenizer(args.prompt)["input_ids"]
     engine.generate([prompt_ids[:8]], make_params(max_tokens=4))  # warm-up, excluded from timing
     start = time.perf_counter()

@@ -33,6 +33,7 @@ class EngineSpec:
     tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
     lean: bool = True  # forwards of Llama-family models through LeanForward (actors/engine/lean.py)
+    fixed_k: int | None = None  # draft exactly this many tokens every step (no cost model)
 
 
 def load_tokenizer(path: Path):
@@ -66,5 +67,6 @@ def build_engine(spec: EngineSpec) -> SpeculativeEngine:
     cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels, spec.lean)
     target = ModelRunner.from_pretrained(spec.target, cfg)
     drafter = build_drafter(spec, target.vocab_size)
-    policy = DraftLengthConfig(k_max=spec.k_max, tree_nodes=spec.tree_nodes if spec.drafter == "model" else 0)
+    policy = DraftLengthConfig(k_max=spec.k_max, tree_nodes=spec.tree_nodes if spec.drafter == "model" else 0,
+                               fixed_k=spec.fixed_k)
     return SpeculativeEngine(target, load_tokenizer(spec.target), drafter, policy, kernels=spec.kernels)

@@ -22,9 +22,10 @@ def generate_json(*flags: str) -> dict:
 
 @pytest.fixture(scope="module")
 def outputs():
-    # threshold 0: the model drafter always proposes, so its first step drafts whatever the
-    # machine's load makes the cost model decide afterwards (24 tokens leave no time to probe)
-    return {d: generate_json("--drafter", d, "--threshold", "0") for d in ("none", "model", "ngram")}
+    # a fixed draft length and threshold 0: the drafters draft every step whatever the cost model
+    # would decide under this machine's load (it may well switch the model drafter off)
+    return {d: generate_json("--drafter", d, "--threshold", "0", *(() if d == "none" else ("--fixed-k", "3")))
+            for d in ("none", "model", "ngram")}
 
 
 def test_generate_json_has_the_documented_shape(outputs):
@@ -53,7 +54,8 @@ def test_generate_seeded_sampling_is_reproducible():
 
 
 @pytest.mark.parametrize("flag, value, field", [("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"),
-                                                ("--max-tokens", "0", "max_tokens"), ("--top-k", "-2", "top_k")])
+                                                ("--max-tokens", "0", "max_tokens"), ("--top-k", "-2", "top_k"),
+                                                ("--fixed-k", "0", "fixed_k")])
 def test_generate_rejects_bad_parameters_naming_the_field(flag, value, field):
     proc = specserve("generate", PROMPT, flag, value)
     assert proc.returncode == 2
