@@ -39,7 +39,9 @@ LONG = 48  # tokens of the reference continuations; requests take prefixes of th
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_cluster(demo_config()) as cfg:
+    # a fixed draft length: every step drafts, so the drafters take part in every request
+    # whatever the cost model would decide on this loaded machine
+    with local_cluster(demo_config(speculation={"fixed_k": 3})) as cfg:
         yield cfg
 
 
