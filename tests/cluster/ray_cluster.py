@@ -8,6 +8,7 @@ import socket
 import tempfile
 
 import grpc
+import ray
 import torch
 
 from specserve.cluster import serving
@@ -54,7 +55,9 @@ def local_cluster(cfg, num_cpus: int = 4):
         serving.deploy(cfg, timeout_s=300)
         yield cfg
     finally:
-        serving.shutdown()
+        # the local cluster goes down with its processes: no graceful drain of Serve first,
+        # which would cost seconds per module and is exercised by `specserve demo`
+        ray.shutdown()
 
 
 def target_greedy(prompts: list[str], max_tokens: int) -> dict[str, list[int]]:

@@ -159,11 +159,22 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, reference):
+def cli_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`specserve distill ...` through the same entry point in this process, already connected
+    (a subprocess joining the cluster costs seconds each): (status, stdout, stderr)."""
+    from specserve.cluster.cli import main
+
+    capsys.readouterr()
+    status = main(["distill", *args, "--address", ray.get_runtime_context().gcs_address])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, reference, capsys):
     ray.get(get_hub().set_paused.remote(True))  # or the distiller would publish its next candidate right after
     try:
         before = hub_status()
-        out = cli("rollback", "demo-v0")
+        out = cli("rollback", "demo-v0")  # as an operator runs it: a process of its own joining the cluster
         assert out.returncode == 0, out.stderr
         assert "live drafter version: demo-v0" in out.stdout
         wait_for(lambda: registry_versions(cluster) == {"demo-v0"}, 30, "drafters back on demo-v0")
@@ -171,15 +182,15 @@ def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, 
         published = [v for v in versions if v.startswith("distilled-")]
         assert published and all(versions[v].get("rolled_back") for v in published)
         assert hub_status()["rollbacks"] > before["rollbacks"] and hub_status()["stable"] == "demo-v0"
-        bad = cli("rollback", "no-such-version")
-        assert bad.returncode == 2 and "no drafter version" in bad.stderr
-        listing = cli("versions")
-        assert listing.returncode == 0 and "rolled back" in listing.stdout
-        status = cli("status")
-        assert status.returncode == 0 and "live version demo-v0" in status.stdout
+        status, _, err = cli_here(capsys, "rollback", "no-such-version")
+        assert status == 2 and "no drafter version" in err
+        status, listing, _ = cli_here(capsys, "versions")
+        assert status == 0 and "rolled back" in listing
+        status, shown, _ = cli_here(capsys, "status")
+        assert status == 0 and "live version demo-v0" in shown
     finally:
-        resumed = cli("resume")
-    assert resumed.returncode == 0 and not hub_status()["paused"], resumed.stderr
+        resumed, _, err = cli_here(capsys, "resume")
+    assert resumed == 0 and not hub_status()["paused"], err
 
 
 def scrambled_drafter_state() -> dict:
