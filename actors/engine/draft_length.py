@@ -7,7 +7,9 @@ tokens (accepted drafts plus the recovered/bonus token) and costs
 seconds. The policy picks the k in [0, k_max] that maximises E(k) / T(k); k = 0 is plain
 decoding, so speculation switches itself off for a sequence whose drafts do not pay. The times
 are measured as the engine runs (`CostModel`); alpha is tracked per sequence. While a sequence
-is not drafting its alpha drifts back toward the prior, so it is retried now and then.
+is not drafting its alpha drifts back toward the prior, so it is retried now and then; while no
+sequence drafts, one token is drafted now and then (a probe, at growing intervals) to re-measure
+the costs.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ class DraftLengthConfig:
     recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
     probe_every: int = 32  # after this many steps without drafting, draft one token to re-measure its cost
+    probe_max: int = 256  # each probe that leaves drafting off doubles the wait, up to this many steps
     tree_nodes: int = 0  # > 0: ask for token trees of up to this many drafts (depth = the chosen k); 0 = chains
 
     def __post_init__(self):
+        if not 1 <= self.probe_every <= self.probe_max:
+            raise ValueError(f"need 1 <= probe_every <= probe_max, got {self.probe_every} and {self.probe_max}")
         if not 0 <= self.tree_nodes <= 63:
             raise ValueError(f"tree_nodes must be in [0, 63], got {self.tree_nodes}")
 

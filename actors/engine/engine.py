@@ -91,6 +91,7 @@ class SpeculativeEngine:
         self.timing = Timing()
         self._next_id = 0
         self._off_steps = 0  # consecutive steps in which no sequence drafted
+        self._probe_interval = policy.probe_every  # off steps before the next probe (doubles, see below)
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -151,10 +152,17 @@ class SpeculativeEngine:
                 k = batch_k
             ks.append(min(k, s.params.max_tokens - len(s.generated) - 1))
         # speculation off everywhere for a while: draft one token once, to re-measure its cost
-        # (once per batch, not per sequence: any draft makes the whole batch wait for it)
-        self._off_steps = 0 if any(ks) else self._off_steps + 1
-        if self._off_steps >= self.policy.probe_every:
+        # (once per batch, not per sequence: any draft makes the whole batch wait for it). Each
+        # probe that leaves speculation off doubles the wait before the next (up to probe_max),
+        # so where drafting does not pay, probing costs next to nothing; drafting that pays
+        # again brings the interval back to probe_every.
+        if any(ks):
+            self._off_steps, self._probe_interval = 0, self.policy.probe_every
+        else:
+            self._off_steps += 1
+        if self._off_steps >= self._probe_interval:
             self._off_steps = 0
+            self._probe_interval = min(2 * self._probe_interval, self.policy.probe_max)
             ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
         return ks
 

@@ -147,3 +147,53 @@ def test_a_batch_shares_one_draft_length_chosen_for_its_total_expected_tokens():
     # three sequences the drafter cannot predict outweigh one it predicts well
     assert best_draft_length([0.9, 0.1, 0.1, 0.1], cost, 4) == 0
     assert best_draft_length([0.9, 0.9, 0.9, 0.1], cost, 4) > 0
+
+
+# ---- probing while speculation is off ------------------------------------------------------------
+
+
+class SwitchableCost(CostModel):
+    """Measured like the real model, except that drafting pays only while `pays` is set."""
+
+    pays = False
+
+    def step_time(self, k: int) -> float:
+        return 1.0 if self.pays or k == 0 else 100.0
+
+
+def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does():
+    from specserve.actors.engine.drafters import NgramDrafter
+    from specserve.actors.engine.engine import SpeculativeEngine
+    from specserve.actors.engine.request import make_params
+
+    from .tiny import build_model, family_config, runner
+
+    policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=16)
+    engine = SpeculativeEngine(runner(build_model(family_config("llama"), seed=0), max_seq_len=256), None,
+                               NgramDrafter(), policy=policy)
+    engine.cost = SwitchableCost(policy)
+    drafting_steps: list[int] = []
+    propose = engine.drafter.propose
+
+    def recording(reqs):
+        drafting_steps.append(engine.timing.verify_steps)
+        return propose(reqs)
+
+    engine.drafter.propose = recording
+    engine.add_request([5, 6, 7], make_params(max_tokens=200, ignore_eos=True))
+    for _ in range(80):
+        engine.step()
+    # every 4th, then 8th, then 16th step is a probe (steps counted from 0, one verify each)
+    assert drafting_steps == [3, 11, 27, 43, 59, 75]
+    engine.cost.pays = True
+    engine.step()  # the cost model turns drafting on: the interval is back to probe_every
+    engine.cost.pays = False
+    start = engine.timing.verify_steps
+    for _ in range(10):
+        engine.step()
+    assert drafting_steps[-2:] == [80, start + 3]
+
+
+def test_probe_intervals_must_be_ordered():
+    with pytest.raises(ValueError, match="probe_every"):
+        DraftLengthConfig(probe_every=64, probe_max=32)
