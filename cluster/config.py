@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from specserve.actors.engine.draft_length import FIXED_K_MAX
+
 APP_NAME = "specserve"
 VERIFIER = "Verifier"
 DRAFTER = "Drafter"
@@ -120,7 +122,7 @@ class SpeculationConfig(Strict):
     tree_nodes: int = Field(0, ge=0, le=63, description=(
         "> 0: the model drafter drafts token trees of up to this many tokens (depth = the chosen draft "
         "length) instead of chains; 0 = chains."))
-    fixed_k: int | None = Field(None, ge=1, le=32, description=(
+    fixed_k: int | None = Field(None, ge=1, le=FIXED_K_MAX, description=(
         "Draft exactly this many tokens every step instead of the cost model's choice (the drafter's "
         "confidence stop still applies); for studies of drafter quality such as `bench --distill`."))
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description=(

@@ -10,6 +10,7 @@ import torch
 
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.build import DRAFTER_KINDS, EngineSpec, build_engine
+from specserve.actors.engine.draft_length import FIXED_K_MAX
 from specserve.actors.engine.request import GenerationResult, InvalidRequestError, make_params
 
 
@@ -58,8 +59,8 @@ def generate_local(args) -> int:
     """`specserve generate` without --server: run the request in this process."""
     params = make_params(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=args.stop or [])
-    if args.fixed_k is not None and not 1 <= args.fixed_k <= 32:
-        raise InvalidRequestError("fixed_k", f"must be in [1, 32], got {args.fixed_k}")
+    if args.fixed_k is not None and not 1 <= args.fixed_k <= FIXED_K_MAX:
+        raise InvalidRequestError("fixed_k", f"must be in [1, {FIXED_K_MAX}], got {args.fixed_k}")
     engine = build_engine(engine_spec(args.target, args.drafter, args.k_max, args.threshold, fixed_k=args.fixed_k))
     prompt_ids = engine.tokenizer(args.prompt)["input_ids"]
     engine.generate([prompt_ids[:8]], make_params(max_tokens=4))  # warm-up, excluded from timing

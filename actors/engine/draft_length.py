@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FIXED_K_MAX = 32  # the longest fixed draft length a config or the CLI may ask for
+
 
 @dataclass(frozen=True)
 class DraftLengthConfig:

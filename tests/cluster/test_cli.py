@@ -1,15 +1,12 @@
 """The `specserve` command line, run as a user runs it."""
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from specserve.cluster import cli
+from .entry import main_here
 
 PROMPT = "def fibonacci(n):"
 
@@ -26,15 +23,10 @@ def generate_json(*flags: str) -> dict:
 
 
 def generate_json_here(*flags: str) -> dict:
-    """The same through the entry point in this process (a subprocess costs seconds of imports);
-    torch's thread count, which `generate` sets, is put back for the tests that follow."""
-    threads, out = torch.get_num_threads(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            assert cli.main(["generate", PROMPT, "--json", "--max-tokens", "24", *flags]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return json.loads(out.getvalue())
+    """The same through the entry point in this process."""
+    status, out, err = main_here("generate", PROMPT, "--json", "--max-tokens", "24", *flags)
+    assert status == 0, err
+    return json.loads(out)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +72,9 @@ def test_generate_rejects_a_bad_parameter_with_status_2_naming_the_field():
 
 @pytest.mark.parametrize("flag, value, field", [("--top-p", "0", "top_p"), ("--max-tokens", "0", "max_tokens"),
                                                 ("--top-k", "-2", "top_k"), ("--fixed-k", "0", "fixed_k")])
-def test_generate_rejects_each_bad_parameter_naming_the_field(flag, value, field, capsys):
-    # the same entry point in this process (a subprocess per case costs seconds of imports)
-    assert cli.main(["generate", PROMPT, flag, value]) == 2
-    err = capsys.readouterr().err
+def test_generate_rejects_each_bad_parameter_naming_the_field(flag, value, field):
+    status, _, err = main_here("generate", PROMPT, flag, value)
+    assert status == 2
     assert field in err and "Traceback" not in err
 
 

@@ -29,6 +29,7 @@ from specserve.actors.registry import get_registry
 from specserve.cluster import serving
 from specserve.cluster.client import Client
 
+from .entry import main_here
 from .ray_cluster import demo_config, local_cluster, target_greedy
 
 pytestmark = pytest.mark.ray
@@ -159,18 +160,12 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def cli_here(capsys, *args: str) -> tuple[int, str, str]:
-    """`specserve distill ...` through the same entry point in this process, already connected
-    (a subprocess joining the cluster costs seconds each): (status, stdout, stderr)."""
-    from specserve.cluster.cli import main
-
-    capsys.readouterr()
-    status = main(["distill", *args, "--address", ray.get_runtime_context().gcs_address])
-    out = capsys.readouterr()
-    return status, out.out, out.err
+def cli_here(*args: str) -> tuple[int, str, str]:
+    """`specserve distill ...` through the entry point in this process, already connected."""
+    return main_here("distill", *args, "--address", ray.get_runtime_context().gcs_address)
 
 
-def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, reference, capsys):
+def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, reference):
     ray.get(get_hub().set_paused.remote(True))  # or the distiller would publish its next candidate right after
     try:
         before = hub_status()
@@ -182,14 +177,14 @@ def test_operator_rollback_returns_every_replica_to_the_chosen_version(cluster, 
         published = [v for v in versions if v.startswith("distilled-")]
         assert published and all(versions[v].get("rolled_back") for v in published)
         assert hub_status()["rollbacks"] > before["rollbacks"] and hub_status()["stable"] == "demo-v0"
-        status, _, err = cli_here(capsys, "rollback", "no-such-version")
+        status, _, err = cli_here("rollback", "no-such-version")
         assert status == 2 and "no drafter version" in err
-        status, listing, _ = cli_here(capsys, "versions")
+        status, listing, _ = cli_here("versions")
         assert status == 0 and "rolled back" in listing
-        status, shown, _ = cli_here(capsys, "status")
+        status, shown, _ = cli_here("status")
         assert status == 0 and "live version demo-v0" in shown
     finally:
-        resumed, _, err = cli_here(capsys, "resume")
+        resumed, _, err = cli_here("resume")
     assert resumed == 0 and not hub_status()["paused"], err
 
 
