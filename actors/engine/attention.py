@@ -49,6 +49,7 @@ class BlockMask:
     q_pos: torch.Tensor
     k_pos: torch.Tensor | None
     _windowed: dict = field(default_factory=dict)
+    _additive: dict = field(default_factory=dict)  # see additive()
     paged: PagedBlock | None = None  # set: the paged kernel computes the attention (no dense mask)
 
     @staticmethod
@@ -87,7 +88,7 @@ class BlockMask:
         if self.q_pos.device == device:
             return self
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return BlockMask(move(self.allowed), move(self.q_pos), move(self.k_pos), {}, self.paged)
+        return BlockMask(move(self.allowed), move(self.q_pos), move(self.k_pos), paged=self.paged)
 
     def for_window(self, window: int | None) -> torch.Tensor | None:
         """The mask restricted to keys within a sliding window of the query (as transformers)."""
@@ -98,6 +99,22 @@ class BlockMask:
             base = self.allowed if self.allowed is not None else torch.ones_like(near).unsqueeze(1)
             self._windowed[window] = base & near.unsqueeze(1)
         return self._windowed[window]
+
+    def additive(self, window: int | None, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """`for_window(window)` as SDPA's additive float mask (0 visible, -inf hidden), its query
+        rows repeated `groups` times for grouped-query attention ([batch, 1, groups * n, kv_len]).
+
+        Built once per forward and shared by every layer: converting and repeating a boolean mask
+        in each layer's attention costs about as much as the attention itself at these sizes."""
+        key = (window, groups, dtype)
+        if key not in self._additive:
+            allowed = self.for_window(window)
+            if allowed is not None:
+                allowed = allowed.repeat(1, 1, groups, 1) if groups > 1 else allowed
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                    ~allowed, float("-inf"))
+            self._additive[key] = allowed
+        return self._additive[key]
 
 
 def specserve_attention(
@@ -121,14 +138,13 @@ def specserve_attention(
         out = dispatch.tree_attention(query, key, value, pg.slots, pg.prefix_len, pg.block, scale, pg.positions,
                                       sliding_window, backend=pg.backend)
         return out, None
-    mask = block_mask.for_window(sliding_window)
     batch, heads, n, head_dim = query.shape
     groups = heads // key.shape[1]
+    mask = block_mask.additive(sliding_window, groups, query.dtype)
     if groups > 1:
         # grouped-query attention without copying K/V: query head h reads kv head h // groups, so
         # fold each group's heads into the query length  # [batch, kv_heads, groups * n, head_dim]
         query = query.reshape(batch, key.shape[1], groups * n, head_dim)
-        mask = None if mask is None else mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask,
                                          scale=scaling)
     out = out.reshape(batch, heads, n, head_dim)  # (a view on the CPU; CUDA may return another layout)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from specserve.actors.engine.kv_cache import CacheBudgetError
-from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.engine.attention import BlockMask
+from specserve.actors.engine.runner import ModelRunner, RunnerConfig, chain_block
 
 from .tiny import FAMILIES, WINDOW, build_model, family_config, reference_logits, runner
 
@@ -164,6 +165,18 @@ def test_the_sliding_window_of_the_test_models_really_changes_the_logits():
     seq = random_tokens(16, seed=9)
     diff = (reference_logits(windowed, seq) - reference_logits(full, seq)).abs().amax(dim=-1)
     assert diff[:WINDOW].max() < ATOL and diff[WINDOW:].min() > 1e-4
+
+
+def test_the_additive_mask_hides_what_the_boolean_mask_hides_for_every_query_head_group():
+    prefix, block = torch.tensor([3, 1]), chain_block([3, 2], 3)
+    positions = prefix.unsqueeze(1) + torch.arange(3)
+    mask = BlockMask.build(prefix, block, positions, kv_len=6)
+    additive = mask.additive(None, 2, torch.float64)  # [batch, 1, groups * n, kv_len]
+    assert additive.shape == (2, 1, 6, 6) and additive.dtype == torch.float64
+    for group in range(2):
+        rows = additive[:, :, group * 3 : (group + 1) * 3]
+        assert torch.equal(rows == 0, mask.allowed) and torch.equal(rows == float("-inf"), ~mask.allowed)
+    assert mask.additive(None, 2, torch.float64) is additive  # built once, shared by every layer
 
 
 # ---- capacity -------------------------------------------------------------------------------------
