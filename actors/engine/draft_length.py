@@ -48,17 +48,27 @@ class DraftLengthConfig:
 class CostModel:
     """Measured draft step time, verify time per block size, and draft round-trip time.
 
-    Verify times are kept per batch-size bucket (1, 2, 4, 8, ...): a longer block costs little
-    extra in a small batch, where the forward is bound by weight reads, and nearly its full
-    share in a big one, where it is bound by compute. So speculation turns itself down as
-    the verifier's batch fills up.
+    Every measurement is kept per batch-size bucket (1, 2, 4, 8, ...): a longer block costs
+    little extra in a small batch, where the forward is bound by weight reads, and nearly its
+    full share in a big one, where it is bound by compute; a drafter forward and a round trip
+    for many sequences cost more than for one. So speculation turns itself down as the
+    verifier's batch fills up.
+
+    A bucket's first steps borrow from the nearest smaller bucket measured: a block size not
+    measured yet costs this bucket's nearest measured size times the ratio between the two
+    sizes there (longer blocks only get relatively dearer as the batch grows), and the draft
+    step and round trip take that bucket's times (a lower bound). With nothing smaller to go
+    by, an unmeasured size costs what the nearest measured one costs: deliberately optimistic,
+    so that the policy tries longer blocks and measures them instead of ruling them out.
+    Until a bucket has timed a step without drafts, the policy does not draft in it.
     """
 
     def __init__(self, cfg: DraftLengthConfig, rtt_s: float = 0.0):
         self.cfg = cfg
-        self.rtt_s = rtt_s
-        self.draft_step_s: float | None = None
+        self._rtt_default = rtt_s
         self._verify_by_bucket: dict[int, dict[int, float]] = {}
+        self._draft_by_bucket: dict[int, float] = {}
+        self._rtt_by_bucket: dict[int, float] = {}
         self._bucket = 1
 
     def use_batch(self, batch: int) -> None:
@@ -70,40 +80,77 @@ class CostModel:
         """Measured verify time per block size, for the current batch bucket."""
         return self._verify_by_bucket.setdefault(self._bucket, {})
 
+    @staticmethod
+    def _nearest_below(buckets, bucket: int) -> int | None:
+        smaller = [b for b in buckets if b < bucket]
+        return max(smaller) if smaller else None
+
+    def _borrowed(self, table: dict[int, float], default: float | None) -> float | None:
+        """This bucket's value of `table`, else the nearest smaller bucket's, else the nearest larger's."""
+        if self._bucket in table:
+            return table[self._bucket]
+        below = self._nearest_below(table, self._bucket)
+        if below is not None:
+            return table[below]
+        return table[min(table)] if table else default
+
+    @property
+    def draft_step_s(self) -> float | None:
+        """Seconds per drafter forward at the current batch (None: never measured)."""
+        return self._borrowed(self._draft_by_bucket, None)
+
+    @property
+    def rtt_s(self) -> float:
+        """Seconds a remote draft round trip adds beyond drafting, at the current batch."""
+        return self._borrowed(self._rtt_by_bucket, self._rtt_default)
+
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.cfg.time_ema * (new - old)
 
     def observe_draft(self, forwards: int, seconds: float) -> None:
         """A drafting call of `forwards` drafter forward passes took `seconds`."""
         if forwards > 0:
-            self.draft_step_s = self._ema(self.draft_step_s, seconds / forwards)
+            b = self._bucket
+            self._draft_by_bucket[b] = self._ema(self._draft_by_bucket.get(b), seconds / forwards)
 
     def observe_rtt(self, seconds: float) -> None:
         """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`."""
-        self.rtt_s = self._ema(self.rtt_s, max(0.0, seconds))
+        b = self._bucket
+        self._rtt_by_bucket[b] = self._ema(self._rtt_by_bucket.get(b), max(0.0, seconds))
 
     def observe_verify(self, n: int, seconds: float) -> None:
         """A verification forward with blocks of `n` positions took `seconds`."""
         self.verify_s[n] = self._ema(self.verify_s.get(n), seconds)
 
-    def verify_time(self, n: int) -> float:
-        """Estimated verify time for blocks of n positions.
+    def knows_plain(self) -> bool:
+        """Whether a step without drafts has been timed at the current batch."""
+        return 1 in self.verify_s
 
-        Between measured sizes: linear interpolation. Outside them: the nearest measurement.
-        Flat extrapolation upward is deliberately optimistic, so the policy tries longer blocks
-        and measures them instead of ruling them out from a noisy two-point slope.
+    def verify_time(self, n: int) -> float:
+        """Estimated verify time for blocks of n positions at the current batch.
+
+        Between measured sizes: linear interpolation. Outside them: see the class docstring.
         """
-        if n in self.verify_s:
-            return self.verify_s[n]
-        known = sorted(self.verify_s)
+        return self._verify_time(self._bucket, n)
+
+    def _verify_time(self, bucket: int, n: int) -> float:
+        times = self._verify_by_bucket.get(bucket, {})
+        if n in times:
+            return times[n]
+        known = sorted(times)
         if not known:
             return 1.0
         if n < known[0] or n > known[-1]:
-            return self.verify_s[known[0] if n < known[0] else known[-1]]
+            near = known[0] if n < known[0] else known[-1]
+            below = self._nearest_below([b for b, t in self._verify_by_bucket.items() if t], bucket)
+            if below is None:
+                return times[near]
+            ratio = self._verify_time(below, n) / self._verify_time(below, near)
+            return times[near] * (max(ratio, 1.0) if n > near else min(ratio, 1.0))
         lo = max(m for m in known if m < n)
         hi = min(m for m in known if m > n)
         w = (n - lo) / (hi - lo)
-        return (1 - w) * self.verify_s[lo] + w * self.verify_s[hi]
+        return (1 - w) * times[lo] + w * times[hi]
 
     def step_time(self, k: int) -> float:
         """T(k): seconds for one step drafting k tokens."""
@@ -125,6 +172,8 @@ def best_draft_length(alpha: float | list[float], cost: CostModel, k_max: int) -
     For a batch (a list of per-sequence alphas) the step time is shared: every row pays for
     the longest block, so k maximises the batch's expected tokens sum_i E(alpha_i, k) / T(k).
     """
+    if not cost.knows_plain():
+        return 0  # time a step without drafts first: what drafting must beat
     alphas = alpha if isinstance(alpha, list) else [alpha]
     rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k) for k in range(k_max + 1)]
     return max(range(k_max + 1), key=rates.__getitem__)

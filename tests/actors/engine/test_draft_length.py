@@ -139,6 +139,45 @@ def test_verify_times_are_kept_per_batch_size_so_a_full_batch_turns_speculation_
     assert cost.verify_time(5) == pytest.approx(5.0)
 
 
+def test_a_new_batch_bucket_does_not_draft_until_it_has_timed_a_step_without_drafts():
+    cost = measured(0.001, {1: 1.0, 5: 1.1})  # bucket 1: drafting pays
+    assert best_draft_length(0.9, cost, 4) == 4
+    cost.use_batch(16)
+    assert best_draft_length(0.9, cost, 4) == 0  # nothing timed at this batch yet
+    cost.observe_verify(1, 3.0)
+    assert best_draft_length(0.9, cost, 4) > 0
+
+
+def test_an_unmeasured_block_size_costs_the_relative_price_it_has_in_the_nearest_smaller_batch():
+    cost = CostModel(CFG)
+    cost.use_batch(4)
+    for n, seconds in {1: 1.0, 5: 2.0}.items():
+        cost.observe_verify(n, seconds)
+    cost.use_batch(32)
+    cost.observe_verify(1, 3.0)
+    assert cost.verify_time(5) == pytest.approx(6.0)  # twice the one-token step, as at batch 4
+    assert cost.verify_time(3) == pytest.approx(3.0 * 1.5)  # batch 4 interpolates 1.5x
+    cost.observe_verify(5, 9.0)  # measured here: the measurement wins
+    assert cost.verify_time(5) == pytest.approx(9.0)
+    cost.use_batch(1)  # nothing smaller to go by: flat, the optimistic guess
+    cost.observe_verify(1, 0.5)
+    assert cost.verify_time(5) == pytest.approx(0.5)
+
+
+def test_draft_and_round_trip_times_are_kept_per_batch_and_borrowed_from_a_smaller_batch():
+    cost = CostModel(CFG, rtt_s=0.002)
+    assert cost.rtt_s == pytest.approx(0.002)  # the configured guess until measured
+    cost.observe_draft(1, 0.001)
+    cost.observe_rtt(0.003)
+    cost.use_batch(32)
+    assert cost.draft_step_s == pytest.approx(0.001) and cost.rtt_s == pytest.approx(0.003)  # borrowed
+    cost.observe_draft(1, 0.010)
+    cost.observe_rtt(0.0)
+    assert cost.draft_step_s == pytest.approx(0.010) and cost.rtt_s == 0.0
+    cost.use_batch(1)
+    assert cost.draft_step_s == pytest.approx(0.001) and cost.rtt_s == pytest.approx(0.003)
+
+
 def test_a_batch_shares_one_draft_length_chosen_for_its_total_expected_tokens():
     cost = measured(0.1, {1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2})
     alone_good = best_draft_length(0.9, cost, 4)

@@ -205,6 +205,9 @@ class SlowDrafting(CostModel):
     def step_time(self, k: int) -> float:
         return 1.0 + 10.0 * k
 
+    def knows_plain(self) -> bool:
+        return True
+
 
 def test_a_seeded_request_gives_the_same_tokens_however_fast_drafting_is_measured_to_be(target, drafter_model):
     fast = sample(sampling_engine(target, drafter_model), seed=7)

@@ -98,6 +98,9 @@ class AlwaysDraftCost(CostModel):
     def step_time(self, k: int) -> float:
         return 1.0
 
+    def knows_plain(self) -> bool:
+        return True
+
 
 def always_drafting_engine(target: ModelRunner, drafter: BaseDrafter | None, k_max: int,
                            tokenizer=None) -> SpeculativeEngine:
