@@ -6,6 +6,7 @@ to these methods; the class itself is plain and becomes a Serve deployment in cl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import threading
@@ -172,6 +173,7 @@ class Verifier:
                 "draft_misses": self.pool.misses if self.pool else 0,
                 "tap": None if self.tap is None else vars(self.tap.stats),
                 "cost_model": self._cost_model(),
+                "engine": dataclasses.asdict(self.scheduler.engine.timing),
                 "draft_overhead_p50_ms": (round(1000 * statistics.median(self.pool.overheads), 3)
                                           if self.pool and self.pool.overheads else None)}
 

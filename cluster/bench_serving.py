@@ -41,6 +41,7 @@ class LevelTotals:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # the verifier engine's steps and draft waits (_timing_delta)
 
 
 def _config(base: dict, variant: dict, port: int):
@@ -114,6 +115,7 @@ def _rows(results: dict, overheads: dict) -> list[dict]:
             if t.drafted:
                 row.update(acceptance_rate=round(t.accepted / t.drafted, 4),
                            mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3))
+            row.update(t.engine)
             if name in overheads:
                 row["draft_overhead_p50_ms"] = overheads[name]
             rows.append(row)
@@ -122,6 +124,23 @@ def _rows(results: dict, overheads: dict) -> list[dict]:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
+
+
+def _engine_timing(apps: list[str]) -> dict[str, dict]:
+    """Each verifier's engine timing so far (actors/engine/engine.py Timing)."""
+    from ray import serve
+
+    return {app: serve.get_app_handle(app).load.remote().result()["engine"] for app in apps}
+
+
+def _timing_delta(before: dict, after: dict) -> dict:
+    """What the verifier's engine did between two snapshots: steps, how many asked for drafts,
+    how many of those were probes, and the share of its time spent waiting for drafts."""
+    d = {k: after[k] - before[k] for k in after}
+    busy = d["draft_s"] + d["verify_s"]
+    return {"steps": d["verify_steps"], "drafting_steps": d["draft_steps"], "probes": d["probes"],
+            "draft_wait_share": round(d["draft_s"] / busy, 4) if busy else None,
+            "verify_ms_per_step": round(1000 * d["verify_s"] / d["verify_steps"], 2) if d["verify_steps"] else None}
 
 
 def _overheads(apps: list[str]) -> dict[str, float]:
@@ -161,11 +180,15 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         for level in levels:
             results[level] = {n: LevelTotals() for n in VARIANTS}
             batch = [prompts[i % len(prompts)] for i in range(max(requests, level))]
+            before = _engine_timing(list(VARIANTS))
             for r in range(rounds):
                 order = list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]
                 for name in order:
                     _run_level(address, name, batch, max_tokens, level, results[level][name])
                 progress(f"concurrency {level}: round {r + 1}/{rounds} done")
+            after = _engine_timing(list(VARIANTS))
+            for name in VARIANTS:
+                results[level][name].engine = _timing_delta(before[name], after[name])
         overheads = _overheads([n for n in VARIANTS if n != "plain"])
     finally:
         serving.shutdown()
@@ -176,9 +199,10 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
 
 def format_table(report: dict) -> str:
     cols = ["concurrency", "variant", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length",
-            "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "failed", "matches_plain"]
+            "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "steps", "drafting_steps", "probes",
+            "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
     head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
-            "rtt50ms", "failed", "=plain"]
+            "rtt50ms", "steps", "drafting", "probes", "wait", "verify_ms", "failed", "=plain"]
     return text_table(report["rows"], cols, head, 10)
 
 

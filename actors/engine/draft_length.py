@@ -24,7 +24,7 @@ class DraftLengthConfig:
     """Knobs of the policy; the defaults need no tuning."""
 
     k_max: int = 8  # longest draft block
-    alpha_prior: float = 0.7  # acceptance assumed for a new sequence
+    alpha_prior: float = 0.7  # acceptance assumed before any block was verified (then: the pooled rate, see AcceptanceTracker)
     alpha_ema: float = 0.1  # decay of the accept counts per verified block
     time_ema: float = 0.1  # weight of the latest measurement in the cost model
     recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
@@ -126,6 +126,10 @@ class CostModel:
         """Whether a step without drafts has been timed at the current batch."""
         return 1 in self.verify_s
 
+    def longest_measured(self) -> int:
+        """The longest block (positions) timed at the current batch (0: none)."""
+        return max(self.verify_s, default=0)
+
     def verify_time(self, n: int) -> float:
         """Estimated verify time for blocks of n positions at the current batch.
 
@@ -171,9 +175,13 @@ def best_draft_length(alpha: float | list[float], cost: CostModel, k_max: int) -
 
     For a batch (a list of per-sequence alphas) the step time is shared: every row pays for
     the longest block, so k maximises the batch's expected tokens sum_i E(alpha_i, k) / T(k).
+    Blocks are tried one size at a time: k is at most one draft longer than the longest block
+    timed at this batch, so a guess about an untimed size costs at most one step of one more
+    position (in a full batch, a step of 9 positions can cost several plain steps).
     """
     if not cost.knows_plain():
         return 0  # time a step without drafts first: what drafting must beat
+    k_max = min(k_max, cost.longest_measured())
     alphas = alpha if isinstance(alpha, list) else [alpha]
     rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k) for k in range(k_max + 1)]
     return max(range(k_max + 1), key=rates.__getitem__)
@@ -189,22 +197,32 @@ class AcceptanceTracker:
     a late remote draft) counts as one failed trial: it paid for drafting and gained nothing.
     Steps with speculation off leave the counts alone, except that they decay toward the prior
     so that speculation is retried.
+
+    The engine keeps one more tracker fed by every sequence's blocks (with a slower decay) and
+    makes it each sequence's prior: a new sequence starts from what this drafter's tokens have
+    recently achieved with this target, not from a fixed guess (`alpha_prior` is where the
+    pooled tracker itself starts). A drafter that got better (a hot swap) shows it within a
+    few blocks, probes included.
     """
 
-    def __init__(self, cfg: DraftLengthConfig, prior_weight: float = 2.0):
+    def __init__(self, cfg: DraftLengthConfig, prior_weight: float = 2.0, prior: "AcceptanceTracker | None" = None,
+                 ema: float | None = None):
         self.cfg = cfg
         self.prior_weight = prior_weight
+        self.prior = prior  # where the prior comes from (the engine's pooled tracker); None: cfg.alpha_prior
+        self.ema = cfg.alpha_ema if ema is None else ema
         self.successes = 0.0
         self.trials = 0.0
 
     @property
     def alpha(self) -> float:
         """Current estimate of the per-token acceptance rate."""
-        return (self.successes + self.cfg.alpha_prior * self.prior_weight) / (self.trials + self.prior_weight)
+        prior = self.cfg.alpha_prior if self.prior is None else self.prior.alpha
+        return (self.successes + prior * self.prior_weight) / (self.trials + self.prior_weight)
 
     def observe(self, drafted: int, accepted: int, speculation_off: bool = False) -> None:
         """Fold in one verified block of `drafted` tokens of which `accepted` were kept."""
-        keep = 1 - self.cfg.alpha_ema
+        keep = 1 - self.ema
         if drafted == 0:
             if speculation_off:
                 self.successes *= 1 - self.cfg.recovery

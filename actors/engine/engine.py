@@ -31,6 +31,9 @@ from specserve.kernels.tree import tree_depth, tree_mask
 from specserve.kernels.verify import verify_greedy
 
 
+POOLED_EMA = 0.02  # decay of the pooled acceptance counts per verified block (~50 blocks of memory)
+
+
 @dataclass
 class Sequence:
     """A request being decoded."""
@@ -58,8 +61,10 @@ class Sequence:
 class Timing:
     """Wall time the engine spent drafting and verifying, for benchmarks and the cost model."""
 
-    draft_s: float = 0.0
+    draft_s: float = 0.0  # in the drafter's propose (a remote drafter: waiting for its answers)
     draft_forwards: int = 0
+    draft_steps: int = 0  # steps that asked the drafter for tokens
+    probes: int = 0  # of those, probes (see _draft_lengths)
     verify_s: float = 0.0
     verify_steps: int = 0
 
@@ -91,6 +96,8 @@ class SpeculativeEngine:
         self.timing = Timing()
         self._next_id = 0
         self._off_steps = 0  # consecutive steps in which no sequence drafted
+        # acceptance over every sequence's blocks: the prior of each new sequence's tracker
+        self.pooled = AcceptanceTracker(policy, ema=POOLED_EMA)
         self._probe_interval = policy.probe_every  # off steps before the next probe (doubles, see below)
 
     # -- admission -------------------------------------------------------------------------------
@@ -121,7 +128,7 @@ class SpeculativeEngine:
             self.target.forward([slot], torch.tensor([prompt_ids[:-1]]), logits_to_keep=1)
         self.seqs[seq_id] = Sequence(
             seq_id, list(prompt_ids), params, slot, prompt_ids[-1], seed,
-            StopChecker(self.tokenizer, params, self.eos_ids), AcceptanceTracker(self.policy),
+            StopChecker(self.tokenizer, params, self.eos_ids), AcceptanceTracker(self.policy, prior=self.pooled),
         )
         if self.drafter is not None:
             self.drafter.start(seq_id, prompt_ids, params)
@@ -164,6 +171,7 @@ class SpeculativeEngine:
             self._off_steps = 0
             self._probe_interval = min(2 * self._probe_interval, self.policy.probe_max)
             ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
+            self.timing.probes += any(ks)
         return ks
 
     def _tree_nodes(self, seq: Sequence, k: int) -> int:
@@ -188,6 +196,7 @@ class SpeculativeEngine:
             self.cost.observe_draft(forwards, elapsed)
         self.timing.draft_s += elapsed
         self.timing.draft_forwards += forwards
+        self.timing.draft_steps += 1
         return drafts
 
     def step(self) -> list[StepOutput]:
@@ -302,7 +311,10 @@ class SpeculativeEngine:
         seq.accepted += accepted
         seq.steps += 1
         seq.empty += int(draft.requested > 0 and not draft.tokens)
-        seq.tracker.observe(_tested(draft, accepted, path), accepted, speculation_off=draft.requested == 0)
+        tested = _tested(draft, accepted, path)
+        seq.tracker.observe(tested, accepted, speculation_off=draft.requested == 0)
+        if draft.requested:
+            self.pooled.observe(tested, accepted)
         kept = [draft.tokens[i] for i in path] if path is not None else draft.tokens[:accepted]
         emitted = []
         for tok in kept + [next_token]:

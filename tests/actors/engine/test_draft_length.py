@@ -178,6 +178,29 @@ def test_draft_and_round_trip_times_are_kept_per_batch_and_borrowed_from_a_small
     assert cost.draft_step_s == pytest.approx(0.001) and cost.rtt_s == pytest.approx(0.003)
 
 
+def test_blocks_grow_one_size_at_a_time_past_the_longest_timed_block():
+    cost = measured(0.0001, {1: 1.0})  # drafting looks free: the policy would take k_max at once
+    assert best_draft_length(0.9, cost, 8) == 1
+    cost.observe_verify(2, 1.0)
+    assert best_draft_length(0.9, cost, 8) == 2
+    cost.observe_verify(3, 1.0)
+    assert best_draft_length(0.9, cost, 8) == 3
+    cost.observe_verify(3, 1e6)  # and a size that turned out dear is not gone past
+    assert best_draft_length(0.9, cost, 8) < 3
+
+
+def test_a_tracker_starts_from_the_pooled_acceptance_of_other_sequences():
+    pooled = AcceptanceTracker(CFG, ema=0.02)
+    fresh = AcceptanceTracker(CFG, prior=pooled)
+    assert fresh.alpha == pytest.approx(CFG.alpha_prior)  # nothing pooled yet: the configured prior
+    for _ in range(40):
+        pooled.observe(4, 1)  # other sequences: 1 of 2 tested tokens accepted per block
+    assert pooled.alpha == pytest.approx(0.5, abs=0.05)
+    assert fresh.alpha == pytest.approx(pooled.alpha)
+    fresh.observe(3, 3)  # its own blocks still count, on top of that prior
+    assert fresh.alpha > pooled.alpha
+
+
 def test_a_batch_shares_one_draft_length_chosen_for_its_total_expected_tokens():
     cost = measured(0.1, {1: 1.0, 2: 1.3, 3: 1.6, 4: 1.9, 5: 2.2})
     alone_good = best_draft_length(0.9, cost, 4)

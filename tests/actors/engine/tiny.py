@@ -101,6 +101,9 @@ class AlwaysDraftCost(CostModel):
     def knows_plain(self) -> bool:
         return True
 
+    def longest_measured(self) -> int:
+        return 1 << 30
+
 
 def always_drafting_engine(target: ModelRunner, drafter: BaseDrafter | None, k_max: int,
                            tokenizer=None) -> SpeculativeEngine:
