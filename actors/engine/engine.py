@@ -99,6 +99,7 @@ class SpeculativeEngine:
         # acceptance over every sequence's blocks: the prior of each new sequence's tracker
         self.pooled = AcceptanceTracker(policy, ema=POOLED_EMA)
         self._probe_interval = policy.probe_every  # off steps before the next probe (doubles, see below)
+        self._probing = False  # this step's drafts are a probe
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -167,12 +168,20 @@ class SpeculativeEngine:
             self._off_steps, self._probe_interval = 0, self.policy.probe_every
         else:
             self._off_steps += 1
-        if self._off_steps >= self._probe_interval:
-            self._off_steps = 0
-            self._probe_interval = min(2 * self._probe_interval, self.policy.probe_max)
+        self._probing = self._off_steps >= self._probe_interval
+        if self._probing:
             ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
-            self.timing.probes += any(ks)
         return ks
+
+    def _probed(self, drafts: list[Draft]) -> None:
+        """After a probe: the next one waits twice as long (up to probe_max), unless nothing was
+        drafted at all (a remote drafter still prefilling every sequence it was just given, or
+        none reachable): that probe measured nothing, so the next step probes again."""
+        if not any(d.requested for d in drafts):
+            return
+        self.timing.probes += 1
+        self._off_steps = 0
+        self._probe_interval = min(2 * self._probe_interval, self.policy.probe_max)
 
     def _tree_nodes(self, seq: Sequence, k: int) -> int:
         """Tree budget for a sequence drafting k deep (0: a chain); never more tokens than its
@@ -187,6 +196,8 @@ class SpeculativeEngine:
             return [Draft([]) for _ in seqs]
         t0 = time.perf_counter()
         drafts = self.drafter.propose([DraftRequest(s.seq_id, k, self._tree_nodes(s, k)) for s, k in zip(seqs, ks)])
+        if self._probing:
+            self._probed(drafts)
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
         remote = [d.seconds for d in drafts if d.seconds is not None]
         if remote:  # a remote drafter: its own drafting time, and the rest is the round trip

@@ -256,6 +256,48 @@ def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does(
     assert drafting_steps[-2:] == [80, start + 3]
 
 
+def test_a_probe_that_got_no_drafts_at_all_is_retried_on_the_next_step():
+    from specserve.actors.engine.drafters import NgramDrafter
+    from specserve.actors.engine.engine import SpeculativeEngine
+    from specserve.actors.engine.request import make_params
+
+    from .tiny import build_model, family_config, runner
+
+    class Starting(NgramDrafter):
+        """Like a remote drafter: a sequence's first request only starts it (nothing drafted)."""
+
+        def __init__(self):
+            super().__init__()
+            self.started: set[int] = set()
+
+        def propose(self, reqs):
+            drafts = super().propose(reqs)
+            for r, d in zip(reqs, drafts):
+                if r.seq_id not in self.started:
+                    self.started.add(r.seq_id)
+                    d.tokens, d.requested = [], 0
+            return drafts
+
+    policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=16)
+    engine = SpeculativeEngine(runner(build_model(family_config("llama"), seed=0), max_seq_len=256), None,
+                               Starting(), policy=policy)
+    engine.cost = SwitchableCost(policy)
+    drafting_steps: list[int] = []
+    propose = engine.drafter.propose
+
+    def recording(reqs):
+        drafting_steps.append(engine.timing.verify_steps)
+        return propose(reqs)
+
+    engine.drafter.propose = recording
+    engine.add_request([5, 6, 7], make_params(max_tokens=200, ignore_eos=True))
+    for _ in range(30):
+        engine.step()
+    # the probe at step 3 only started the sequence: probed again at step 4, then 8 steps later
+    assert drafting_steps == [3, 4, 12, 28]
+    assert engine.timing.probes == 3
+
+
 def test_probe_intervals_must_be_ordered():
     with pytest.raises(ValueError, match="probe_every"):
         DraftLengthConfig(probe_every=64, probe_max=32)
