@@ -95,6 +95,7 @@ class _Remote:
     sent_at: float = 0.0
     starting: bool = False  # the drafter may still be prefilling: misses don't count, no cost samples
     answered: bool = False  # the drafter has answered this sequence since it was (re)started
+    catch_up: bool = False  # the awaited draft follows verdicts of several steps (see Draft.catch_up)
     misses: int = 0
     retry_at: float = 0.0
     version: str = ""
@@ -182,7 +183,7 @@ class RemoteDrafterPool(BaseDrafter):
 
     def _request(self, seq_id: int, k: int, nodes: int, now: float) -> None:
         rs = self.remote[seq_id]
-        rs.waiting, rs.result, rs.k, rs.nodes = False, None, k, nodes
+        rs.waiting, rs.result, rs.k, rs.nodes, rs.catch_up = False, None, k, nodes, False
         if rs.link is None and now >= rs.retry_at and k > 0:  # no drafter work while speculation is off
             self._attach(seq_id, rs, k, nodes)
         elif rs.link is not None and rs.verdicts and k > 0:
@@ -193,6 +194,7 @@ class RemoteDrafterPool(BaseDrafter):
                 last = i == len(rs.verdicts) - 1
                 rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0, path, nodes if last else 0))
             rs.outstanding += len(rs.verdicts)
+            rs.catch_up = len(rs.verdicts) > 1  # verdicts of steps it sat out: fed before it drafts
             rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0
         rs.sent_at = now
 
@@ -266,6 +268,7 @@ class RemoteDrafterPool(BaseDrafter):
                 sampled = not self.seqs[pb.sequence_id].params.greedy
                 rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled, rs.nodes)
                 rs.version = pb.weight_version
+                rs.result.catch_up = rs.catch_up
                 if rs.starting:  # its wait includes the drafter's prefill: not a cost sample
                     rs.result.forwards, rs.result.seconds = 0, None
                 else:

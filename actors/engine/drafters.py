@@ -32,6 +32,7 @@ class Draft:
     requested: int = 0  # the k that was asked for (0: speculation was off for this step)
     seconds: float | None = None  # drafting time measured by a remote drafter (None: local, timed by the caller)
     parents: list[int] | None = None  # a token tree: parent draft index of each token, -1 = the root (None: a chain)
+    catch_up: bool = False  # the call first fed context the drafter had not seen: its time is no draft step's
 
     def tree_parents(self) -> list[int]:
         """Parent of every draft token (-1: the pending token); a chain's are i - 1."""
@@ -170,6 +171,12 @@ class NgramDrafter(BaseDrafter):
         return drafts
 
 
+# A draft's first forward normally feeds the verdict's tokens the cache lacks: the emitted token,
+# and the last draft when the whole draft was accepted. More means the drafter is catching up on
+# steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
+CATCH_UP_TOKENS = 2
+
+
 class ModelDrafter(BaseDrafter):
     """A small LM with its own KV cache, batched across sequences.
 
@@ -275,9 +282,14 @@ class ModelDrafter(BaseDrafter):
     def _draft_rounds(self, live: list[DraftRequest], drafts: dict[int, Draft]) -> None:
         """Autoregressive drafting: the first round feeds each sequence's unfed tokens."""
         active = list(live)
+        first = True
         while active:
             states = [self.seqs[r.seq_id] for r in active]
             feeds = [self._unfed(st, st.context + drafts[r.seq_id].tokens) for r, st in zip(active, states)]
+            if first and max(len(f) for f in feeds) > CATCH_UP_TOKENS:
+                for r in live:  # one batched forward: every row's time includes the long feed
+                    drafts[r.seq_id].catch_up = True
+            first = False
             logits = self._forward(states, feeds)
             still = []
             for row, (r, st) in enumerate(zip(active, states)):

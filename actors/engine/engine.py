@@ -200,7 +200,9 @@ class SpeculativeEngine:
             self._probed(drafts)
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
         remote = [d.seconds for d in drafts if d.seconds is not None]
-        if remote:  # a remote drafter: its own drafting time, and the rest is the round trip
+        if any(d.catch_up for d in drafts):
+            pass  # the drafter fed what it missed while speculation was off: not a draft step's cost
+        elif remote:  # a remote drafter: its own drafting time, and the rest is the round trip
             self.cost.observe_draft(forwards, max(remote))
             self.cost.observe_rtt(elapsed - max(remote))
         else:

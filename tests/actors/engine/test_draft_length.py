@@ -298,6 +298,37 @@ def test_a_probe_that_got_no_drafts_at_all_is_retried_on_the_next_step():
     assert engine.timing.probes == 3
 
 
+def test_a_draft_that_first_feeds_the_steps_the_drafter_sat_out_is_no_cost_sample():
+    from specserve.actors.engine.drafters import DraftRequest, ModelDrafter
+    from specserve.actors.engine.engine import SpeculativeEngine
+    from specserve.actors.engine.request import make_params
+
+    from .tiny import build_model, family_config, runner
+
+    drafter = ModelDrafter(runner(build_model(family_config("llama", layers=1), seed=1)), confidence_threshold=0.0)
+    drafter.start(0, [5, 6, 7], make_params(max_tokens=50))
+    assert not drafter.propose([DraftRequest(0, 2)])[0].catch_up  # the prompt's last token: a normal feed
+    drafter.verdict(0, 0, 9)
+    assert not drafter.propose([DraftRequest(0, 2)])[0].catch_up
+    for token in (10, 11, 12):  # steps with speculation off: verdicts, no drafts
+        drafter.propose([DraftRequest(0, 0)])
+        drafter.verdict(0, 0, token)
+    assert drafter.propose([DraftRequest(0, 2)])[0].catch_up
+
+    # the engine takes no draft-time sample from such a call
+    policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=4)
+    engine = SpeculativeEngine(runner(build_model(family_config("llama"), seed=0), max_seq_len=256), None,
+                               ModelDrafter(runner(build_model(family_config("llama", layers=1), seed=1)),
+                                            confidence_threshold=0.0), policy=policy)
+    engine.cost = SwitchableCost(policy)  # drafting never pays: only probes draft, after 4 steps off
+    samples: list[float] = []
+    engine.cost.observe_draft = lambda forwards, seconds: samples.append(seconds)
+    engine.add_request([5, 6, 7], make_params(max_tokens=40, ignore_eos=True))
+    for _ in range(20):
+        engine.step()
+    assert engine.timing.probes >= 3 and samples == []
+
+
 def test_probe_intervals_must_be_ordered():
     with pytest.raises(ValueError, match="probe_every"):
         DraftLengthConfig(probe_every=64, probe_max=32)
