@@ -223,8 +223,9 @@ class SwitchableCost(CostModel):
         return 1.0 if self.pays or k == 0 else 100.0
 
 
-def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does():
-    from specserve.actors.engine.drafters import NgramDrafter
+def probing_engine(drafter, steps: int) -> tuple:
+    """An engine over one long request whose drafting never pays (only probes draft), run for
+    `steps` steps; returns it and the steps (counted from 0) in which the drafter was asked."""
     from specserve.actors.engine.engine import SpeculativeEngine
     from specserve.actors.engine.request import make_params
 
@@ -232,7 +233,7 @@ def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does(
 
     policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=16)
     engine = SpeculativeEngine(runner(build_model(family_config("llama"), seed=0), max_seq_len=256), None,
-                               NgramDrafter(), policy=policy)
+                               drafter, policy=policy)
     engine.cost = SwitchableCost(policy)
     drafting_steps: list[int] = []
     propose = engine.drafter.propose
@@ -243,8 +244,15 @@ def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does(
 
     engine.drafter.propose = recording
     engine.add_request([5, 6, 7], make_params(max_tokens=200, ignore_eos=True))
-    for _ in range(80):
+    for _ in range(steps):
         engine.step()
+    return engine, drafting_steps
+
+
+def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does():
+    from specserve.actors.engine.drafters import NgramDrafter
+
+    engine, drafting_steps = probing_engine(NgramDrafter(), 80)
     # every 4th, then 8th, then 16th step is a probe (steps counted from 0, one verify each)
     assert drafting_steps == [3, 11, 27, 43, 59, 75]
     engine.cost.pays = True
@@ -258,10 +266,6 @@ def test_probes_back_off_while_drafting_does_not_pay_and_come_back_once_it_does(
 
 def test_a_probe_that_got_no_drafts_at_all_is_retried_on_the_next_step():
     from specserve.actors.engine.drafters import NgramDrafter
-    from specserve.actors.engine.engine import SpeculativeEngine
-    from specserve.actors.engine.request import make_params
-
-    from .tiny import build_model, family_config, runner
 
     class Starting(NgramDrafter):
         """Like a remote drafter: a sequence's first request only starts it (nothing drafted)."""
@@ -278,21 +282,7 @@ def test_a_probe_that_got_no_drafts_at_all_is_retried_on_the_next_step():
                     d.tokens, d.requested = [], 0
             return drafts
 
-    policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=16)
-    engine = SpeculativeEngine(runner(build_model(family_config("llama"), seed=0), max_seq_len=256), None,
-                               Starting(), policy=policy)
-    engine.cost = SwitchableCost(policy)
-    drafting_steps: list[int] = []
-    propose = engine.drafter.propose
-
-    def recording(reqs):
-        drafting_steps.append(engine.timing.verify_steps)
-        return propose(reqs)
-
-    engine.drafter.propose = recording
-    engine.add_request([5, 6, 7], make_params(max_tokens=200, ignore_eos=True))
-    for _ in range(30):
-        engine.step()
+    engine, drafting_steps = probing_engine(Starting(), 30)
     # the probe at step 3 only started the sequence: probed again at step 4, then 8 steps later
     assert drafting_steps == [3, 4, 12, 28]
     assert engine.timing.probes == 3
