@@ -201,8 +201,8 @@ class AcceptanceTracker:
     The engine keeps one more tracker fed by every sequence's blocks (with a slower decay) and
     makes it each sequence's prior: a new sequence starts from what this drafter's tokens have
     recently achieved with this target, not from a fixed guess (`alpha_prior` is where the
-    pooled tracker itself starts). A drafter that got better (a hot swap) shows it within a
-    few blocks, probes included.
+    pooled tracker itself starts). A drafter that got better (a hot swap) shows in it within
+    some tens of verified blocks, probes included.
     """
 
     def __init__(self, cfg: DraftLengthConfig, prior_weight: float = 2.0, prior: "AcceptanceTracker | None" = None,
