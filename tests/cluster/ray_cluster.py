@@ -50,7 +50,15 @@ def channel(cfg) -> grpc.Channel:
 @contextlib.contextmanager
 def local_cluster(cfg, num_cpus: int = 4):
     """A local Ray cluster (own temp dir, no token auth) with `cfg` deployed; torn down after."""
-    serving.connect(None, num_cpus=num_cpus, temp_dir=ray_test_env())
+    try:
+        serving.connect(None, num_cpus=num_cpus, temp_dir=ray_test_env())
+    except Exception as e:
+        # Ray gives its raylet 30 s to register; right after the previous module's cluster went
+        # down, on a loaded 2-core machine, it sometimes needs longer: start once more
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        serving.connect(None, num_cpus=num_cpus, temp_dir=ray_test_env())
     try:
         serving.deploy(cfg, timeout_s=300)
         yield cfg
