@@ -126,11 +126,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
-def _engine_timing(apps: list[str]) -> dict[str, dict]:
-    """Each verifier's engine timing so far (actors/engine/engine.py Timing)."""
+def _loads(apps: list[str]) -> dict[str, dict]:
+    """Each verifier's `load()`: its engine timing so far, the draft round trips it measured."""
     from ray import serve
 
-    return {app: serve.get_app_handle(app).load.remote().result()["engine"] for app in apps}
+    return {app: serve.get_app_handle(app).load.remote().result() for app in apps}
 
 
 def _timing_delta(before: dict, after: dict) -> dict:
@@ -141,18 +141,6 @@ def _timing_delta(before: dict, after: dict) -> dict:
     return {"steps": d["verify_steps"], "drafting_steps": d["draft_steps"], "probes": d["probes"],
             "draft_wait_share": round(d["draft_s"] / busy, 4) if busy else None,
             "verify_ms_per_step": round(1000 * d["verify_s"] / d["verify_steps"], 2) if d["verify_steps"] else None}
-
-
-def _overheads(apps: list[str]) -> dict[str, float]:
-    """Median draft round-trip overhead each speculative verifier measured."""
-    from ray import serve
-
-    out = {}
-    for app in apps:
-        load = serve.get_app_handle(app).load.remote().result()
-        if load.get("draft_overhead_p50_ms") is not None:
-            out[app] = load["draft_overhead_p50_ms"]
-    return out
 
 
 def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds: int, port: int,
@@ -177,19 +165,22 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         for name in VARIANTS:  # warm-up: first requests pay for lazy initialisation
             _run_level(address, name, prompts[:2], 8, 2, LevelTotals())
         results: dict[int, dict[str, LevelTotals]] = {}
+        after: dict[str, dict] = {}
         for level in levels:
             results[level] = {n: LevelTotals() for n in VARIANTS}
             batch = [prompts[i % len(prompts)] for i in range(max(requests, level))]
-            before = _engine_timing(list(VARIANTS))
+            before = _loads(list(VARIANTS))
             for r in range(rounds):
                 order = list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]
                 for name in order:
                     _run_level(address, name, batch, max_tokens, level, results[level][name])
                 progress(f"concurrency {level}: round {r + 1}/{rounds} done")
-            after = _engine_timing(list(VARIANTS))
+            after = _loads(list(VARIANTS))
             for name in VARIANTS:
-                results[level][name].engine = _timing_delta(before[name], after[name])
-        overheads = _overheads([n for n in VARIANTS if n != "plain"])
+                results[level][name].engine = _timing_delta(before[name]["engine"], after[name]["engine"])
+        # median draft round-trip overhead each speculative verifier measured over the whole run
+        overheads = {name: load["draft_overhead_p50_ms"] for name, load in after.items()
+                     if load.get("draft_overhead_p50_ms") is not None}
     finally:
         serving.shutdown()
     return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
