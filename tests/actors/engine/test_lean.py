@@ -82,3 +82,53 @@ def test_greedy_speculation_with_lean_target_and_drafter_equals_transformers_gen
         results = engine.generate(prompts, make_params(max_tokens=16))
         assert [r.token_ids for r in results] == want
         assert sum(r.stats.drafted for r in results) > 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_float32_blocks_of_three_rows_and_more_take_the_blocked_product_and_match_transformers():
+    # float64 (the other tests) never takes oneDNN; float32, the serving dtype, does from 3 rows on
+    from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+
+    model = build_model(family_config("llama"), seed=5).float()
+    r = ModelRunner(build_model(family_config("llama"), seed=5).float(),
+                    RunnerConfig(max_num_seqs=3, max_seq_len=128, dtype=torch.float32, lean=True))
+    linears = [r.lean.lm_head] + [w for layer in r.lean.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert all(w.blocked is not None for w in linears)
+    taken = []
+    blocked_call = lean._Linear.__call__
+
+    def spy(self, x):
+        taken.append((x.numel() // x.shape[-1], x.numel() >= lean._Linear.ROWS_BLOCKED * x.shape[-1]))
+        return blocked_call(self, x)
+
+    seq = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    slot = r.add_sequence()
+    chunks, start = [], 0
+    lean._Linear.__call__ = spy
+    try:
+        for size in (9, 1, 2, 3, 5, 1, 4, 7, 8):
+            chunks.append(r.forward([slot], torch.tensor([seq[start : start + size]]))[0])
+            start += size
+    finally:
+        lean._Linear.__call__ = blocked_call
+    assert {rows for rows, blocked in taken if blocked} >= {3, 4, 5, 7, 8, 9}
+    assert {rows for rows, blocked in taken if not blocked} == {1, 2}
+    torch.testing.assert_close(torch.cat(chunks), reference_logits(model, seq[:start]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_float32_greedy_speculation_through_the_blocked_product_equals_transformers_generate():
+    from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+
+    cfg = RunnerConfig(max_num_seqs=4, max_seq_len=128, dtype=torch.float32, lean=True)
+    target = build_model(family_config("llama"), seed=0).float()
+    prompts = [[7], [3, 41, 9, 88], list(range(20, 34))]
+    want = [hf_greedy(target, p, 16) for p in prompts]
+    for k_max in (2, 4, 8):
+        drafter = ModelDrafter(ModelRunner(build_model(family_config("llama", layers=1), seed=1).float(), cfg),
+                               confidence_threshold=0.0)
+        engine = always_drafting_engine(ModelRunner(build_model(family_config("llama"), seed=0).float(), cfg),
+                                        drafter, k_max)
+        results = engine.generate(prompts, make_params(max_tokens=16))
+        assert [r.token_ids for r in results] == want
+        assert sum(r.stats.drafted for r in results) > 0
