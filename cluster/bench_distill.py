@@ -16,7 +16,11 @@ compare the same requests:
    with it running, alternating, so that the throughput cost of training is measured side by
    side on the same weights and requests;
 4. plain: the evaluation set through a second application on the same cluster that decodes
-   with the target alone (no drafter), for reference.
+   with the target alone (no drafter), for reference;
+5. side by side: the shipped drafter and the last version are pinned in turn on the drafter
+   replicas (`DistillHub.pin`, training paused) and serve the evaluation set alternately,
+   `after_rounds` times each, so that their throughputs are compared in one stretch of time
+   under the same conditions (the before windows ran at the start, on a fresher machine).
 
 Speculation drafts exactly k = 4 tokens every step (`speculation.fixed_k`, confidence stop
 off), so that every window measures the drafter the same way: acceptance is then the plain
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 
 from specserve.cluster.bench_serving import LevelTotals, _run_level
 from specserve.cluster.reporting import text_table, write_report
@@ -88,6 +93,33 @@ def _window(address: str, prompts, max_tokens: int, concurrency: int, hub, phase
             "received": st["received"], "dropped": st["tap_dropped"] + st["inbox_dropped"]}
 
 
+def _running(hub) -> str:
+    """The version every drafter replica runs now."""
+    import ray
+
+    running = set(ray.get(hub.status.remote(), timeout=30)["replicas"].values())
+    if len(running) != 1:
+        raise RuntimeError(f"drafter replicas run different versions: {sorted(running)}")
+    return running.pop()
+
+
+def _pin(hub, version: str, progress, timeout_s: float = 60.0) -> None:
+    """Pin `version` on every replica and wait until they all run it."""
+    import ray
+
+    ray.get(hub.pin.remote(version), timeout=30)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if _running(hub) == version:
+                progress(f"drafter replicas run {version}")
+                return
+        except RuntimeError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"drafter replicas did not switch to {version} within {timeout_s:.0f} s")
+
+
 def _r(x):
     return None if x is None else round(x, 4)
 
@@ -140,6 +172,13 @@ def run_bench_distill(requests: int, window: int, concurrency: int, max_tokens: 
             run("training", evaluation)
         ray.get(hub.set_paused.remote(True))
         run("plain", evaluation, app="plain")  # the target alone on the same requests, for reference
+        # side by side: the shipped drafter and the last version alternate on the evaluation set
+        base = ray.get(hub.versions.remote())[0]["version"]
+        final = _running(hub)
+        for _ in range(after_rounds):
+            for version, phase in ((base, "ab-base"), (final, "ab-final")):
+                _pin(hub, version, progress)
+                run(phase, evaluation)
         versions = ray.get(hub.versions.remote())
     finally:
         serving.shutdown()
@@ -171,6 +210,12 @@ def summarize(rows: list[dict], training_windows: int, before_windows: int = 1) 
            "failed": sum(r["failed"] for r in rows)}
     if out["acceptance_after"] is not None and before["acceptance_rate"] is not None:
         out["acceptance_gain"] = _r(out["acceptance_after"] - before["acceptance_rate"])
+    ab = {side: [r for r in after_rows if r["phase"] == f"ab-{side}"] for side in ("base", "final")}
+    if ab["base"] and ab["final"]:
+        for side, windows in ab.items():
+            out[f"acceptance_ab_{side}"] = _r(mean([r["acceptance_rate"] for r in windows]))
+            out[f"tokens_per_s_ab_{side}"] = _r(mean([r["tokens_per_s"] for r in windows]))
+        out["speedup_side_by_side"] = _r(out["tokens_per_s_ab_final"] / out["tokens_per_s_ab_base"])
     if out["tokens_per_s_after"]:
         out["speedup_after_vs_before"] = _r(out["tokens_per_s_after"] / before["tokens_per_s"])
         if out["tokens_per_s_during_training"]:
@@ -185,7 +230,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if r["phase"] != "plain"]
+    rows = [r for r in report["rows"] if r["phase"] != "plain" and not r["phase"].startswith("ab-")]
     x = [r["served"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     ax1.plot(x, [r["acceptance_rate"] for r in rows], marker="o")

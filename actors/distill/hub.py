@@ -204,11 +204,7 @@ class DistillHub:
     def rollback_to(self, version: str, reason: str = "operator") -> dict:
         """Make `version` (a good published version or the base) live again; every version
         published after it is marked rolled back. Returns the new state."""
-        names = [v["version"] for v in self.store.versions()]
-        if version != self.settings.base_version and version not in names:
-            raise KeyError(f"no drafter version {version!r}; known: {[self.settings.base_version] + names}")
-        if version in names and self.store.entry(version).get("rolled_back"):
-            raise ValueError(f"version {version} was rolled back; pick a good one")
+        names = self._good(version)
         after = names[names.index(version) + 1:] if version in names else names
         for name in after:
             if not self.store.entry(name).get("rolled_back"):
@@ -219,6 +215,16 @@ class DistillHub:
             self.store.mark(version, promoted=True)
         self.stable, self.canary = version, None
         log.warning("drafter version rolled back to %s (%s)", version, reason)
+        return self.status()
+
+    def pin(self, version: str) -> dict:
+        """Serve `version` (the base or a good published version) on every replica, marking
+        nothing: unlike a rollback, the versions after it stay good and can be pinned again. For
+        measuring two versions side by side (`specserve bench --distill`); pause training or
+        hold publishing first, or the next publish moves on from it."""
+        self._good(version)
+        self.stable, self.canary = version, None
+        log.info("drafter version %s pinned on every replica", version)
         return self.status()
 
     def set_paused(self, paused: bool) -> None:
@@ -247,6 +253,16 @@ class DistillHub:
         return [{"version": self.settings.base_version, "base": True}] + self.store.versions()
 
     # -- internals ----------------------------------------------------------------------------
+    def _good(self, version: str) -> list[str]:
+        """Raise unless `version` is the base or a published version not rolled back; returns
+        the published versions' names, oldest first."""
+        names = [v["version"] for v in self.store.versions()]
+        if version != self.settings.base_version and version not in names:
+            raise KeyError(f"no drafter version {version!r}; known: {[self.settings.base_version] + names}")
+        if version in names and self.store.entry(version).get("rolled_back"):
+            raise ValueError(f"version {version} was rolled back; pick a good one")
+        return names
+
     def _ref(self, version: str):
         if version == self.settings.base_version:
             return None

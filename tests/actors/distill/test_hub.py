@@ -128,3 +128,24 @@ def test_rollback_to_refuses_unknown_and_rolled_back_versions(tmp_path):
     with pytest.raises(ValueError, match="was rolled back"):
         h.rollback_to(v1)
     assert h.stable == BASE and [v["version"] for v in h.versions()] == [BASE, v1]
+
+
+def test_pinning_a_version_serves_it_everywhere_and_leaves_the_later_ones_good(tmp_path):
+    h = hub(tmp_path, canary_max_s=0.0)
+    v1 = h.publish(weights(1.0), {})
+    h.ingest([], {})  # promoted
+    v2 = h.publish(weights(2.0), {})
+    h.ingest([], {})
+    h.assignment("r0", v2)
+    h.assignment("r1", v2)
+    h.pin(BASE)
+    assert h.stable == BASE and h.canary is None
+    assert {h.assignment(r, v2)["version"] for r in ("r0", "r1")} == {BASE}
+    h.pin(v2)  # a rollback to the base would have marked v2 rolled back and refused this
+    assert ray.get(h.assignment("r0", BASE)["weights"])["w"].eq(2.0).all()
+    assert not any(v.get("rolled_back") for v in h.versions()[1:])
+    with pytest.raises(KeyError, match="no drafter version"):
+        h.pin("nope")
+    h.rollback_to(v1)
+    with pytest.raises(ValueError, match="was rolled back"):
+        h.pin(v2)
