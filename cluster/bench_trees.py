@@ -2,12 +2,17 @@
 
 For each budget B (draft positions the target verifies per step), on the same prompts,
 interleaved prompt by prompt:
-  chain-B   the model drafter drafts exactly B tokens in a chain (no confidence stop)
-  tree-B    the tree drafter fills a tree of exactly B tokens (depth <= B, best first)
-plus plain decoding (the speedup baseline) and the default adaptive chain. Both fixed modes
-verify the same number of positions per step, so accepted tokens per verifier step compare
-their drafts alone; tokens/s adds what drafting a tree costs (one drafter forward per level
-over more nodes). Every mode's output must equal plain decoding (greedy).
+  chain-B         the model drafter drafts exactly B tokens in a chain (no confidence stop)
+  tree-B          the tree drafter fills a tree of exactly B tokens (depth <= B, best first) from
+                  the model's candidates alone (`lookup=0`)
+  lookup-tree-B   the same with the sequence's prompt-lookup continuation merged in (greedy
+                  requests; the default of `speculation.tree_lookup`)
+  ngram-B         the n-gram (prompt-lookup) drafter alone, up to B tokens in a chain
+plus plain decoding (the speedup baseline) and the default adaptive chain. The fixed modes
+verify the same number of positions per step (ngram-B at most that many: it drafts only what
+it finds), so accepted tokens per verifier step compare their drafts alone; tokens/s adds what
+drafting a tree costs (one drafter forward per level over more nodes). Every mode's output must
+equal plain decoding (greedy).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.build import EngineSpec, build_engine
 from specserve.actors.engine.draft_length import DraftLengthConfig
-from specserve.actors.engine.drafters import ModelDrafter
+from specserve.actors.engine.drafters import ModelDrafter, NgramDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.request import make_params
 from specserve.actors.engine.tree_drafting import TreeDrafter
@@ -35,9 +40,12 @@ def _engines(budgets: list[int], branching: int, device: str) -> dict[str, Specu
         chain = ModelDrafter(_fresh_runner(drafter_runner), confidence_threshold=0.0)
         engines[f"chain-{b}"] = SpeculativeEngine(_fresh_runner(plain.target), plain.tokenizer, chain,
                                                   DraftLengthConfig(k_max=b, fixed_k=b))
-        tree = TreeDrafter(_fresh_runner(drafter_runner), branching=branching)
-        engines[f"tree-{b}"] = SpeculativeEngine(_fresh_runner(plain.target), plain.tokenizer, tree,
-                                                 DraftLengthConfig(k_max=b, fixed_k=b, tree_nodes=b))
+        for mode, lookup in ((f"tree-{b}", 0), (f"lookup-tree-{b}", EngineSpec.tree_lookup)):
+            tree = TreeDrafter(_fresh_runner(drafter_runner), branching=branching, lookup=lookup)
+            engines[mode] = SpeculativeEngine(_fresh_runner(plain.target), plain.tokenizer, tree,
+                                              DraftLengthConfig(k_max=b, fixed_k=b, tree_nodes=b))
+        engines[f"ngram-{b}"] = SpeculativeEngine(_fresh_runner(plain.target), plain.tokenizer, NgramDrafter(),
+                                                  DraftLengthConfig(k_max=b, fixed_k=b))
     return engines
 
 
@@ -67,11 +75,16 @@ def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 9
         progress(f"prompt {i + 1}/{len(prompts)} done")
     rows = _rows(totals)
     by_mode = {r["mode"]: r for r in rows}
+    def ratio(a: str, b: str, key: str) -> float:
+        return round(by_mode[a][key] / max(by_mode[b][key], 1e-9), 3)
+
     ratios = [{"budget": b,
-               "accepted_per_step_ratio": round(by_mode[f"tree-{b}"]["accepted_per_step"]
-                                                / max(by_mode[f"chain-{b}"]["accepted_per_step"], 1e-9), 3),
-               "tokens_per_s_ratio": round(by_mode[f"tree-{b}"]["tokens_per_s"]
-                                           / by_mode[f"chain-{b}"]["tokens_per_s"], 3)} for b in budgets]
+               "accepted_per_step_ratio": ratio(f"tree-{b}", f"chain-{b}", "accepted_per_step"),
+               "tokens_per_s_ratio": ratio(f"tree-{b}", f"chain-{b}", "tokens_per_s"),
+               "lookup_accepted_per_step_ratio": ratio(f"lookup-tree-{b}", f"chain-{b}", "accepted_per_step"),
+               "lookup_tokens_per_s_ratio": ratio(f"lookup-tree-{b}", f"chain-{b}", "tokens_per_s"),
+               "lookup_vs_ngram_accepted_per_step_ratio": ratio(f"lookup-tree-{b}", f"ngram-{b}", "accepted_per_step")}
+              for b in budgets]
     return {"settings": {"prompts": len(prompts), "max_tokens": max_tokens, "budgets": budgets,
                          "branching": branching, "temperature": temperature, "threads": torch.get_num_threads(),
                          "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"},
@@ -97,8 +110,10 @@ def format_tables(report: dict) -> str:
     cols = ["mode", "tokens_per_s", "speedup", "verified_per_step", "accepted_per_step", "tokens_per_step",
             "matches_plain"]
     head = ["mode", "tok/s", "speedup", "drafts/step", "accepted/step", "tokens/step", "=plain"]
-    ratio_cols = ["budget", "accepted_per_step_ratio", "tokens_per_s_ratio"]
-    ratio_head = ["budget", "tree/chain accepted", "tree/chain tok/s"]
+    ratio_cols = ["budget", "accepted_per_step_ratio", "tokens_per_s_ratio", "lookup_accepted_per_step_ratio",
+                  "lookup_tokens_per_s_ratio", "lookup_vs_ngram_accepted_per_step_ratio"]
+    ratio_head = ["budget", "tree/chain acc", "tree/chain tok/s", "lookup-tree/chain acc", "lookup-tree/chain tok/s",
+                  "lookup-tree/ngram acc"]
     return (text_table(report["rows"], cols, head, 14) + "\n\n"
             + text_table(report["tree_vs_chain"], ratio_cols, ratio_head, 20))
 

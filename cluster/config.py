@@ -122,6 +122,10 @@ class SpeculationConfig(Strict):
     tree_nodes: int = Field(0, ge=0, le=63, description=(
         "> 0: the model drafter drafts token trees of up to this many tokens (depth = the chosen draft "
         "length) instead of chains; 0 = chains."))
+    tree_lookup: int = Field(8, ge=0, le=32, description=(
+        "Longest prompt-lookup branch merged into greedy token trees: the sequence's continuation "
+        "after its latest matching n-gram joins the tree where the drafter did not propose it, "
+        "scored by its calibrated accept rate; 0 = none."))
     fixed_k: int | None = Field(None, ge=1, le=FIXED_K_MAX, description=(
         "Draft exactly this many tokens every step instead of the cost model's choice (the drafter's "
         "confidence stop still applies); for studies of drafter quality such as `bench --distill`."))

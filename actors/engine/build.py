@@ -31,6 +31,7 @@ class EngineSpec:
     k_max: int = 8
     confidence_threshold: float = 0.4
     tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
+    tree_lookup: int = 8  # longest prompt-lookup branch merged into greedy trees (0: none)
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
     lean: bool = True  # forwards of Llama-family models through LeanForward (actors/engine/lean.py)
     fixed_k: int | None = None  # draft exactly this many tokens every step (no cost model)
@@ -58,7 +59,7 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
     if runner.vocab_size != target_vocab:
         raise ValueError(f"drafter vocabulary ({runner.vocab_size}) differs from the target's ({target_vocab})")
     if spec.tree_nodes > 0:
-        return TreeDrafter(runner, confidence_threshold=spec.confidence_threshold)
+        return TreeDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup=spec.tree_lookup)
     return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold)
 
 

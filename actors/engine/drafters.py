@@ -117,6 +117,40 @@ class BaseDrafter:
         raise NotImplementedError
 
 
+class PromptLookup:
+    """Per sequence, where each of its n-grams (n = min_n..max_n) was last followed by a token:
+    continuing the sequence the way its latest matching n-gram continued (prompt lookup)."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+        self._index: dict[int, dict[tuple, int]] = {}
+        self._indexed: dict[int, int] = {}
+
+    def drop(self, seq_id: int) -> None:
+        self._index.pop(seq_id, None)
+        self._indexed.pop(seq_id, None)
+
+    def continuation(self, seq_id: int, context: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the context's longest
+        matching suffix ([] if none). `context` only grows between calls for one sequence."""
+        if k <= 0:
+            return []
+        index = self._index.setdefault(seq_id, {})
+        done = self._indexed.get(seq_id, 0)
+        if done > len(context):  # not the context indexed so far: start over
+            index.clear()
+            done = 0
+        for t in range(max(1, done), len(context)):
+            for n in range(self.min_n, self.max_n + 1):
+                if t - n >= 0:
+                    index[tuple(context[t - n : t])] = t
+        self._indexed[seq_id] = len(context)
+        for n in range(self.max_n, self.min_n - 1, -1):
+            if len(context) >= n and (pos := index.get(tuple(context[-n:]))) is not None:
+                return context[pos : pos + k]
+        return []
+
+
 class NgramDrafter(BaseDrafter):
     """Prompt lookup: continue the sequence the way its latest matching n-gram continued.
 
@@ -127,41 +161,21 @@ class NgramDrafter(BaseDrafter):
 
     def __init__(self, max_n: int = 4, min_n: int = 1):
         super().__init__()
-        self.max_n, self.min_n = max_n, min_n
-        self._index: dict[int, dict[tuple, int]] = {}
-        self._indexed: dict[int, int] = {}
+        self.lookup = PromptLookup(max_n, min_n)
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         super().start(seq_id, prompt_ids, params)
-        self._index[seq_id], self._indexed[seq_id] = {}, 0
+        self.lookup.drop(seq_id)
 
     def stop(self, seq_id: int) -> None:
         super().stop(seq_id)
-        self._index.pop(seq_id, None)
-        self._indexed.pop(seq_id, None)
-
-    def _update_index(self, seq_id: int) -> None:
-        """Record, for every n-gram followed by a known token, where its latest follower is."""
-        ctx, index = self.seqs[seq_id].context, self._index[seq_id]
-        for t in range(max(1, self._indexed[seq_id]), len(ctx)):
-            for n in range(self.min_n, self.max_n + 1):
-                if t - n >= 0:
-                    index[tuple(ctx[t - n : t])] = t
-        self._indexed[seq_id] = len(ctx)
-
-    def _lookup(self, seq_id: int, k: int) -> list[int]:
-        ctx, index = self.seqs[seq_id].context, self._index[seq_id]
-        for n in range(self.max_n, self.min_n - 1, -1):
-            if len(ctx) >= n and (pos := index.get(tuple(ctx[-n:]))) is not None:
-                return ctx[pos : pos + k]
-        return []
+        self.lookup.drop(seq_id)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         drafts = []
         for r in reqs:
-            self._update_index(r.seq_id)
-            tokens = self._lookup(r.seq_id, r.k) if r.k > 0 else []
             st = self.seqs[r.seq_id]
+            tokens = self.lookup.continuation(r.seq_id, st.context, r.k)
             st.last_draft = tokens
             draft = Draft(tokens, requested=r.k)
             if not st.params.greedy:

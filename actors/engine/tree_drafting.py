@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.actors.engine.drafters import Draft, DraftRequest, ModelDrafter, SeqState
+from specserve.actors.engine.drafters import Draft, DraftRequest, ModelDrafter, PromptLookup, SeqState
+from specserve.actors.engine.request import SamplingParams
 from specserve.kernels.tree import tree_mask
 
 
@@ -53,16 +54,24 @@ class _Tree:
     probs: list[float] = field(default_factory=list)  # the drafter's probability of each token
     depths: list[int] = field(default_factory=list)
     q_rows: list = field(default_factory=list)  # (ids, probs) each token was drawn from (sampled)
+    rates: list[float] = field(default_factory=list)  # estimated accept rate of each node once tested
+    lookup: list[int | None] = field(default_factory=list)  # a prompt-lookup node's calibration rank; None: the model's
     fed: list[int] = field(default_factory=list)  # pool nodes in the drafter cache after the context
 
-    def add(self, token: int, parent: int, score: float, prob: float, q_row) -> int:
+    def add(self, token: int, parent: int, score: float, prob: float, q_row, rate: float,
+            lookup: int | None = None) -> int:
         self.tokens.append(token)
         self.probs.append(prob)
         self.parents.append(parent)
         self.scores.append(score)
         self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
         self.q_rows.append(q_row)
+        self.rates.append(rate)
+        self.lookup.append(lookup)
         return len(self.tokens) - 1
+
+    def children(self, parent: int) -> list[int]:
+        return [i for i, p in enumerate(self.parents) if p == parent]
 
     def ancestors(self, nodes: list[int]) -> list[int]:
         """`nodes` and all their ancestors, in pool order (parents first)."""
@@ -118,8 +127,10 @@ class Calibration:
     EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # probability bins: finer where drafters are unsure
     PRIOR = (0.6, 0.25, 0.1)  # accept rate of the first / second / later candidate before any verdict
 
-    def __init__(self, depths: int = 4, ranks: int = 3, strength: float = 8.0, cap: float = 5000.0):
+    def __init__(self, depths: int = 4, ranks: int = 3, strength: float = 8.0, cap: float = 5000.0,
+                 prior: tuple[float, ...] = PRIOR):
         self.depths, self.ranks, self.strength, self.cap = depths, ranks, strength, cap
+        self.prior = prior
         self.hits: dict[tuple, float] = collections.defaultdict(float)
         self.trials: dict[tuple, float] = collections.defaultdict(float)
 
@@ -131,7 +142,7 @@ class Calibration:
         """Estimated accept rate of the `rank`-th candidate (0 = first drawn) of probability
         `prob` at `depth` (1 = a child of the root), given that it is tested."""
         keys = self._keys(depth, rank, prob)
-        estimate = self.PRIOR[keys[0][0]]
+        estimate = self.prior[keys[0][0]]
         for key in keys:
             estimate = (self.hits[key] + self.strength * estimate) / (self.trials[key] + self.strength)
         return estimate
@@ -154,11 +165,16 @@ class TreeDrafter(ModelDrafter):
 
     name = "tree"
 
+    LOOKUP_PRIOR = (0.3, 0.6)  # accept rate of a lookup node after the model's / after a lookup node
+
     def __init__(self, runner, confidence_threshold: float = 0.4, top_m: int = 16, branching: int = 3,
-                 min_score: float = 0.0):
+                 min_score: float = 0.0, lookup: int = 8):
         super().__init__(runner, confidence_threshold, top_m)
         self.branching = branching  # most children per node
         self.min_score = min_score  # candidates scored lower are never verified (0: fill the budget)
+        self.lookup = lookup  # longest prompt-lookup branch merged into greedy trees (0: none)
+        self.prompt_lookup = PromptLookup()
+        self.lookup_calibration = Calibration(ranks=2, prior=self.LOOKUP_PRIOR)
         self._fed_nodes: dict[int, dict[int, int]] = {}  # seq -> {draft index: cache offset after the context}
         self._last_tree: dict[int, tuple[list[int], list[float]]] = {}  # seq -> (parents, drafter probs)
         # greedy and sampled verification accept differently: one calibration each
@@ -172,9 +188,14 @@ class TreeDrafter(ModelDrafter):
         self._fed_nodes.clear()  # the cached tree nodes are gone with the cache
         self._last_tree.clear()
 
+    def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        super().start(seq_id, prompt_ids, params)
+        self.prompt_lookup.drop(seq_id)
+
     def stop(self, seq_id: int) -> None:
         self._fed_nodes.pop(seq_id, None)
         self._last_tree.pop(seq_id, None)
+        self.prompt_lookup.drop(seq_id)
         super().stop(seq_id)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
@@ -183,6 +204,9 @@ class TreeDrafter(ModelDrafter):
         trees = [_Tree(r.seq_id, self.seqs[r.seq_id], r.nodes, r.k) for r in reqs if r.nodes > 0 and r.k > 0]
         if trees:
             self._grow(trees)
+        for tree in trees:
+            if self.lookup > 0 and tree.st.params.greedy:
+                self._add_lookup(tree)
         for tree in trees:
             drafts[tree.seq_id] = self._finish(tree)
         return [drafts[r.seq_id] for r in reqs]
@@ -193,7 +217,7 @@ class TreeDrafter(ModelDrafter):
         draft = tree.draft(keep)
         where = {node: pos for pos, node in enumerate(tree.fed)}
         self._fed_nodes[tree.seq_id] = {j: where[node] for j, node in enumerate(keep) if node in where}
-        self._last_tree[tree.seq_id] = (draft.parents, [tree.probs[i] for i in keep])
+        self._last_tree[tree.seq_id] = (draft.parents, [tree.probs[i] for i in keep], [tree.lookup[i] for i in keep])
         st = tree.st
         st.last_draft, st.awaiting, st.last_k, st.ready = draft.tokens, False, 0, None
         return draft
@@ -261,8 +285,36 @@ class TreeDrafter(ModelDrafter):
                 miss *= max(0.0, 1.0 - rate)
                 if cap < self.min_score or cap <= 0.0:
                     break
-                added.append(tree.add(token, parent, cap, prob, q_row))
+                added.append(tree.add(token, parent, cap, prob, q_row, rate))
         return added
+
+    def _add_lookup(self, tree: _Tree) -> None:
+        """Merge the sequence's prompt-lookup continuation into the pool (greedy requests).
+
+        Where the model proposed the same token, the branch follows the model's node; where it
+        did not, a lookup node joins as the last child. Its score: its parent's, times the chance
+        that the verifier rejected every model child there, times its own calibrated accept rate
+        (rank 0 right after a model node, 1 under another lookup node). Lookup nodes are not fed
+        to the drafter; a verdict that takes one leaves the drafter to feed it on the next step.
+        """
+        tokens = self.prompt_lookup.continuation(tree.seq_id, tree.st.context, min(self.lookup, tree.depth_max))
+        cur, run = -1, 0
+        for token in tokens:
+            kids = tree.children(cur)
+            same = next((i for i in kids if tree.tokens[i] == token), None)
+            if same is not None:
+                cur, run = same, 0
+                continue
+            depth = 1 if cur < 0 else tree.depths[cur] + 1
+            miss = 1.0
+            for i in kids:
+                miss *= max(0.0, 1.0 - tree.rates[i])
+            rank = min(run, 1)
+            rate = self.lookup_calibration.rate(depth, rank, 0.0)
+            score = (1.0 if cur < 0 else tree.scores[cur]) * miss * rate
+            if score <= self.min_score or score <= 0.0:
+                return
+            cur, run = tree.add(token, cur, score, 0.0, None, rate, lookup=rank), run + 1
 
     def _forward_tree(self, trees: list[_Tree], expand: list[list[int]]) -> list[torch.Tensor]:
         """Feed each tree's nodes to expand (with their ancestors) on top of its cached context.
@@ -319,12 +371,16 @@ class TreeDrafter(ModelDrafter):
     def _calibrate(self, seq_id: int, path: list[int]) -> None:
         """Count the candidates the verdict tested: along the path, the children of each node
         up to the one taken; after the path, all children of its last node (all rejected)."""
-        parents, probs = self._last_tree.pop(seq_id, ([], []))
+        parents, probs, lookup = self._last_tree.pop(seq_id, ([], [], []))
         calibration = self.calibration[self.seqs[seq_id].params.greedy]
         cur = -1
         for depth, taken in enumerate(path + [None], start=1):
-            for rank, child in enumerate(i for i, par in enumerate(parents) if par == cur):
+            kids = [i for i, par in enumerate(parents) if par == cur]
+            for rank, child in enumerate(i for i in kids if lookup[i] is None):
                 calibration.observe(depth, rank, probs[child], child == taken)
                 if child == taken:
                     break
+            if taken is None or lookup[taken] is not None:  # the model's children were all rejected:
+                for child in (i for i in kids if lookup[i] is not None):  # its lookup child was tested
+                    self.lookup_calibration.observe(depth, lookup[child], 0.0, child == taken)
             cur = taken

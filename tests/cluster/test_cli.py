@@ -95,9 +95,10 @@ def test_bench_trees_compares_trees_and_chains_at_the_same_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows = {r["mode"]: r for r in report["rows"]}
-    assert set(rows) == {"plain", "chain-adaptive", "chain-3", "tree-3"}
+    assert set(rows) == {"plain", "chain-adaptive", "chain-3", "tree-3", "lookup-tree-3", "ngram-3"}
     assert all(r["matches_plain"] == 1.0 for r in rows.values())  # greedy: every mode is lossless
     assert rows["tree-3"]["verified_per_step"] > 0 and report["tree_vs_chain"][0]["budget"] == 3
+    assert report["tree_vs_chain"][0]["lookup_accepted_per_step_ratio"] > 0
 
 
 def test_bench_kernels_says_it_needs_a_gpu_when_there_is_none():

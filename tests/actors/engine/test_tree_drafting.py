@@ -65,7 +65,8 @@ def test_the_target_drafting_trees_for_itself_accepts_its_whole_argmax_branch(fa
 
 def test_trees_respect_budget_depth_branching_and_sibling_order():
     target = build_model(family_config("llama"), seed=0)
-    drafter = TreeDrafter(runner(build_model(family_config("llama", layers=1), seed=1)), branching=2)
+    # lookup=0: no prompt-lookup child beside the model's `branching` (see the lookup test below)
+    drafter = TreeDrafter(runner(build_model(family_config("llama", layers=1), seed=1)), branching=2, lookup=0)
     drafts = record_drafts(drafter)
     engine = tree_engine(target, drafter, depth=3, nodes=7)
     engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
@@ -125,3 +126,33 @@ def test_target_cache_after_tree_steps_equals_a_fresh_prefill():
     for layer in range(len(fresh.cache.keys)):
         torch.testing.assert_close(engine.target.cache.keys[layer][seq.slot, : len(cached)],
                                    fresh.cache.keys[layer][slot, : len(cached)], rtol=0, atol=1e-12)
+
+
+def test_prompt_lookup_branches_join_greedy_trees_get_taken_and_keep_the_output_the_targets():
+    target = build_model(family_config("llama"), seed=0)
+    prompts = [[5, 6, 7, 8] * 6, [9, 3, 9, 3, 9, 3, 40, 41, 42, 9, 3], [11, 12, 13, 14, 15, 11, 12, 13]]
+    want = [hf_greedy(target, p, 24) for p in prompts]
+    accepted = {}
+    for lookup in (0, 6):
+        drafter = TreeDrafter(runner(build_model(family_config("llama", layers=1), seed=1)), branching=2,
+                              lookup=lookup)
+        drafts = record_drafts(drafter)
+        engine = tree_engine(target, drafter, depth=6, nodes=8)
+        results = engine.generate(prompts, make_params(max_tokens=24))
+        assert [r.token_ids for r in results] == want
+        for d in drafts:
+            assert len(d.tokens) <= 8 and all(-1 <= par < i for i, par in enumerate(d.parents or []))
+        accepted[lookup] = sum(r.stats.accepted for r in results)
+    cal = drafter.lookup_calibration
+    assert sum(cal.trials[(r,)] for r in (0, 1)) > 0  # lookup nodes were verified
+    assert sum(cal.hits[(r,)] for r in (0, 1)) > 0  # and taken
+    assert accepted[6] > accepted[0]
+
+
+def test_sampled_trees_have_no_lookup_branch():
+    # sampled verification needs siblings drawn from q in order; a lookup token was not
+    target = build_model(family_config("llama"), seed=0)
+    drafter = TreeDrafter(runner(build_model(family_config("llama", layers=1), seed=1)), branching=2, lookup=6)
+    engine = tree_engine(target, drafter, depth=4, nodes=8)
+    engine.generate([[5, 6, 7, 8] * 6], make_params(max_tokens=16, temperature=1.0, seed=3))
+    assert sum(drafter.lookup_calibration.trials.values()) == 0
