@@ -18,10 +18,13 @@ from specserve.actors.distill.records import TrainBatch, batch_records
 def supervised_logits(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     """The model's next-token logits at the batch's supervised positions.  # [n, vocab]
 
-    `batch` must already be on the model's device.
+    The vocabulary projection runs at those positions only: a row has a few drafted positions
+    among its `max_len`, and over a drafter's large vocabulary the projection of every position
+    (and its backward) costs more than the decoder layers (the demo drafter: 8192 x 192 against
+    two layers of 192). `batch` must already be on the model's device.
     """
-    logits = model(input_ids=batch.input_ids).logits  # [b, L, vocab]
-    return logits[batch.rows, batch.cols]
+    hidden = model.base_model(input_ids=batch.input_ids).last_hidden_state  # [b, L, hidden]
+    return model.get_output_embeddings()(hidden[batch.rows, batch.cols])
 
 
 def distill_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer, steps: int,

@@ -18,17 +18,23 @@ from .synthetic import teacher, teacher_records, tiny_llama
 
 
 class NextIdModel(torch.nn.Module):
-    """A 'drafter' that predicts token t + 1 after token t with probability 1/2 (rest uniform)."""
+    """A 'drafter' that predicts token t + 1 after token t with probability 1/2 (rest uniform),
+    shaped as a transformers causal LM: base model hidden states, then the output projection."""
 
     def __init__(self, vocab: int):
         super().__init__()
         self.vocab = vocab
         self.dummy = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, input_ids):
-        q = torch.full((*input_ids.shape, self.vocab), 0.5 / (self.vocab - 1))  # [b, L, vocab]
-        q.scatter_(-1, ((input_ids + 1) % self.vocab).unsqueeze(-1), 0.5)
-        return types.SimpleNamespace(logits=q.log())
+    def base_model(self, input_ids):  # the hidden state at t is token t itself
+        return types.SimpleNamespace(last_hidden_state=input_ids.unsqueeze(-1))  # [b, L, 1]
+
+    def get_output_embeddings(self):
+        def project(hidden):  # [n, 1] -> [n, vocab]
+            q = torch.full((hidden.shape[0], self.vocab), 0.5 / (self.vocab - 1))
+            q.scatter_(-1, (hidden + 1) % self.vocab, 0.5)
+            return q.log()
+        return project
 
 
 def test_the_score_is_the_mean_overlap_at_every_verified_position():

@@ -43,3 +43,14 @@ def test_kd_training_lowers_the_loss_on_the_buffer(kind, records):
     assert len(losses) == 40 and all(map(lambda x: x == x, losses))  # no NaN
     assert after < 0.7 * before, (kind, before, after)
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_supervised_logits_equal_the_full_forward_at_the_supervised_positions(family, records):
+    from ..engine.tiny import build_model, family_config
+
+    model = build_model(family_config(family), seed=2)
+    batch = batch_records(records[:8], VOCAB, MAX_LEN)
+    full = model(input_ids=batch.input_ids).logits[batch.rows, batch.cols]
+    assert len(batch.rows) > len(records[:8])  # several positions per row, not all of them
+    torch.testing.assert_close(supervised_logits(model, batch), full, rtol=0, atol=1e-12)
