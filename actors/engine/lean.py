@@ -56,7 +56,9 @@ class _Linear:
     reordered once into its blocked layout. On the demo target a 5-position verification
     forward then costs about 0.7x what it costs through MKL, whose small-M products cost
     nearly in proportion to the rows (its lm_head 4-5x one row's); a batch of 4 or 16 plain
-    steps about 0.85x. A weight reordered for any row count >= 2 serves every count >= 2.
+    steps about 0.85x. A weight reordered for any row count >= 2 serves every count >= 2. The
+    reordered copy is one more copy of each weight in memory (float32 and bfloat16 on CPUs;
+    other dtypes and devices keep the plain product).
     """
 
     ROWS_BLOCKED = 3  # fewest rows that take the blocked (oneDNN) product
