@@ -101,8 +101,8 @@ class Distiller:
             if live["paused"] or not self.ready():
                 time.sleep(1.0)
                 continue
-            self.train_round()
-            self.gate_and_publish()
+            if self.train_round():
+                self.gate_and_publish()
             self.send_report()
 
     def follow(self, live: dict) -> None:
@@ -130,17 +130,24 @@ class Distiller:
     def ready(self) -> bool:
         return len(self.buffer.train_records()) >= self.spec.min_records and bool(self.buffer.holdout())
 
-    def train_round(self) -> None:
-        """steps_per_round KD steps, each followed by a pause that holds the duty cycle."""
+    def train_round(self) -> bool:
+        """steps_per_round KD steps, each followed by a pause that holds the duty cycle.
+
+        Pausing (`DistillHub.set_paused`) ends the round before its next step, so the training
+        stops within one step (a fraction of a second) rather than a round (tens of seconds):
+        returns False then, and the round is not scored."""
         s = self.spec
         idle = (1.0 - s.duty_cycle) / s.duty_cycle
         for _ in range(s.steps_per_round):
+            if ray.get(self.hub.live.remote())["paused"]:
+                return False
             t0 = time.perf_counter()
             [loss] = distill_steps(self.student, self.optimizer, self.buffer, 1, s.batch_size, s.loss, s.vocab,
                                    s.max_len, self.generator, s.rejected_weight, s.teacher_temperature)
             self.report["steps"] += 1
             self.report["loss"] = loss
             time.sleep(idle * (time.perf_counter() - t0))
+        return True
 
     def gate_and_publish(self) -> None:
         """Score student and live on held-out traffic; publish the student if the gate says so."""

@@ -149,3 +149,21 @@ def test_pinning_a_version_serves_it_everywhere_and_leaves_the_later_ones_good(t
     h.rollback_to(v1)
     with pytest.raises(ValueError, match="was rolled back"):
         h.pin(v2)
+
+
+def test_pausing_stops_the_distiller_within_one_step_not_at_the_end_of_its_round(tmp_path):
+    from specserve.actors.demo import demo_path
+    from specserve.actors.distill.job import Distiller, DistillSpec
+
+    from .synthetic import teacher, teacher_records
+
+    actor = ray.remote(DistillHub).remote(HubSettings(str(tmp_path / "store"), BASE))
+    spec = DistillSpec(str(demo_path("drafter")), 8192, str(tmp_path / "train"), steps_per_round=4, duty_cycle=1.0,
+                       max_len=32)
+    distiller = Distiller(spec, actor, torch.device("cpu"))
+    for r in teacher_records(teacher(seed=0), 16, seed=0):
+        distiller.buffer.add(r)
+    assert distiller.train_round() and distiller.report["steps"] == 4
+    ray.get(actor.set_paused.remote(True))
+    assert not distiller.train_round() and distiller.report["steps"] == 4
+    ray.kill(actor)
