@@ -1,8 +1,10 @@
 """Adaptive draft length: how many tokens to draft for a sequence this step.
 
-With per-token acceptance rate alpha, a block of k drafts yields on average
-    E(k) = (1 - alpha^(k+1)) / (1 - alpha)
-tokens (accepted drafts plus the recovered/bonus token) and costs
+With acceptance rate a1 for a block's first draft and a2 for each later one (given the one
+before it was accepted), a block of k drafts yields on average
+    E(k) = 1 + a1 * (1 - a2^k) / (1 - a2)
+tokens (accepted drafts plus the recovered/bonus token; with a1 = a2 = alpha this is the
+familiar (1 - alpha^(k+1)) / (1 - alpha)) and costs
     T(k) = k * t_draft + t_verify(k + 1) + t_rtt
 seconds. The policy picks the k in [0, k_max] that maximises E(k) / T(k); k = 0 is plain
 decoding, so speculation switches itself off for a sequence whose drafts do not pay. The times
@@ -163,28 +165,39 @@ class CostModel:
         return k * (self.draft_step_s or 0.0) + self.verify_time(k + 1) + self.rtt_s
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """E(k): mean tokens emitted by a step with k drafts at acceptance alpha."""
-    if alpha >= 1.0:
-        return k + 1.0
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+Rates = "float | tuple[float, float]"  # alpha, or (first, later): see AcceptanceTracker.rates
 
 
-def best_draft_length(alpha: float | list[float], cost: CostModel, k_max: int) -> int:
+def expected_tokens(alpha: Rates, k: int) -> float:
+    """E(k): mean tokens emitted by a step with k drafts at acceptance `alpha`: one rate for
+    every draft, or (first, later) for the block's first draft and each one after it."""
+    first, later = alpha if isinstance(alpha, tuple) else (alpha, alpha)
+    if k <= 0:
+        return 1.0
+    if later >= 1.0:
+        return 1.0 + first * k
+    return 1.0 + first * (1.0 - later ** k) / (1.0 - later)
+
+
+def best_draft_length(alpha: Rates | list[Rates], cost: CostModel, k_max: int) -> int:
     """The k in [0, k_max] with the most expected tokens per second.
 
-    For a batch (a list of per-sequence alphas) the step time is shared: every row pays for
-    the longest block, so k maximises the batch's expected tokens sum_i E(alpha_i, k) / T(k).
-    Blocks are tried one size at a time: k is at most one draft longer than the longest block
-    timed at this batch, so a guess about an untimed size costs at most one step of one more
-    position (in a full batch, a step of 9 positions can cost several plain steps).
+    For a batch (a list of per-sequence rates) the step time is shared: every row pays for the
+    longest block, so k maximises the batch's expected tokens sum_i E(alpha_i, k) / T(k).
+    Blocks are tried one size at a time: the answer is at most one draft longer than the
+    longest block timed at this batch, so a guess about an untimed size costs at most one step
+    of one more position (in a full batch, a step of 9 positions can cost several plain
+    steps). The best k is looked for over every length, though, and climbed toward: when one
+    draft does not pay but four would (a drafter whose first token is often wrong and whose
+    later tokens are mostly right, on a verifier where 2 and 5 positions cost about the same),
+    the policy still steps up to them.
     """
     if not cost.knows_plain():
         return 0  # time a step without drafts first: what drafting must beat
-    k_max = min(k_max, cost.longest_measured())
     alphas = alpha if isinstance(alpha, list) else [alpha]
     rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k) for k in range(k_max + 1)]
-    return max(range(k_max + 1), key=rates.__getitem__)
+    best = max(range(k_max + 1), key=rates.__getitem__)
+    return min(best, cost.longest_measured())
 
 
 class AcceptanceTracker:
@@ -211,24 +224,48 @@ class AcceptanceTracker:
         self.prior_weight = prior_weight
         self.prior = prior  # where the prior comes from (the engine's pooled tracker); None: cfg.alpha_prior
         self.ema = cfg.alpha_ema if ema is None else ema
-        self.successes = 0.0
+        self.successes = 0.0  # every draft tested
         self.trials = 0.0
+        self.first_successes = 0.0  # the blocks' first drafts only
+        self.first_trials = 0.0
+
+    def _rate(self, successes: float, trials: float, prior: float) -> float:
+        return (successes + prior * self.prior_weight) / (trials + self.prior_weight)
 
     @property
     def alpha(self) -> float:
-        """Current estimate of the per-token acceptance rate."""
+        """Current estimate of the per-token acceptance rate (every tested draft alike)."""
         prior = self.cfg.alpha_prior if self.prior is None else self.prior.alpha
-        return (self.successes + prior * self.prior_weight) / (self.trials + self.prior_weight)
+        return self._rate(self.successes, self.trials, prior)
+
+    @property
+    def rates(self) -> tuple[float, float]:
+        """(first, later): the estimated acceptance of a block's first draft, and of each draft
+        after an accepted one. They differ a lot for a small drafter: its first token is often
+        where the target takes a turn it cannot foresee, and once it is right it tends to stay
+        right (the demo drafter: about 0.5 and 0.8), so a single rate would make long blocks
+        look worse than they are and short ones better."""
+        prior = (self.cfg.alpha_prior,) * 2 if self.prior is None else self.prior.rates
+        later_s, later_t = self.successes - self.first_successes, self.trials - self.first_trials
+        return (self._rate(self.first_successes, self.first_trials, prior[0]),
+                self._rate(max(0.0, later_s), max(0.0, later_t), prior[1]))
+
+    def _decay(self, keep: float) -> None:
+        self.successes, self.trials = keep * self.successes, keep * self.trials
+        self.first_successes, self.first_trials = keep * self.first_successes, keep * self.first_trials
 
     def observe(self, drafted: int, accepted: int, speculation_off: bool = False) -> None:
         """Fold in one verified block of `drafted` tokens of which `accepted` were kept."""
-        keep = 1 - self.ema
         if drafted == 0:
             if speculation_off:
-                self.successes *= 1 - self.cfg.recovery
-                self.trials *= 1 - self.cfg.recovery
-            else:
-                self.successes, self.trials = keep * self.successes, keep * self.trials + 1
+                self._decay(1 - self.cfg.recovery)
+            else:  # asked for drafts, got none: a failed first trial
+                self._decay(1 - self.ema)
+                self.trials += 1
+                self.first_trials += 1
             return
-        self.successes = keep * self.successes + accepted
-        self.trials = keep * self.trials + accepted + (1 if accepted < drafted else 0)
+        self._decay(1 - self.ema)
+        self.successes += accepted
+        self.trials += accepted + (1 if accepted < drafted else 0)
+        self.first_successes += 1 if accepted else 0
+        self.first_trials += 1

@@ -149,7 +149,7 @@ class SpeculativeEngine:
             return [0] * len(seqs)
         timed = [s for s in seqs if not (s.params.seed is not None and not s.params.greedy)]
         # one k for the batch: a longer block in one row makes the whole verify forward longer
-        batch_k = best_draft_length([s.tracker.alpha for s in timed], self.cost, self.policy.k_max) if timed else 0
+        batch_k = best_draft_length([s.tracker.rates for s in timed], self.cost, self.policy.k_max) if timed else 0
         ks = []
         for s in seqs:
             k = self.policy.fixed_k

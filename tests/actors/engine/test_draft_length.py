@@ -37,6 +37,14 @@ def test_expected_tokens_is_continuous_as_alpha_reaches_one():
     assert expected_tokens(1 - 1e-9, 6) == pytest.approx(7.0, rel=1e-6)
 
 
+def test_expected_tokens_with_a_first_and_a_later_rate():
+    # 1 + a1 + a1 a2 + a1 a2^2: the first draft at a1, each later one at a2 after an accepted one
+    assert expected_tokens((0.5, 0.8), 3) == pytest.approx(1 + 0.5 + 0.5 * 0.8 + 0.5 * 0.64)
+    assert expected_tokens((0.5, 1.0), 4) == pytest.approx(3.0)
+    assert expected_tokens((0.3, 0.9), 0) == 1.0
+    assert expected_tokens((0.6, 0.6), 5) == pytest.approx(expected_tokens(0.6, 5))
+
+
 # ---- the cost model -------------------------------------------------------------------------------
 
 
@@ -187,6 +195,31 @@ def test_blocks_grow_one_size_at_a_time_past_the_longest_timed_block():
     assert best_draft_length(0.9, cost, 8) == 3
     cost.observe_verify(3, 1e6)  # and a size that turned out dear is not gone past
     assert best_draft_length(0.9, cost, 8) < 3
+
+
+def test_the_tracker_tells_a_blocks_first_draft_from_the_later_ones():
+    tracker = AcceptanceTracker(CFG, prior_weight=1e-9, ema=0.0)
+    for _ in range(50):  # all-or-nothing blocks of 4: half rejected at once, half kept whole
+        tracker.observe(4, 0)
+        tracker.observe(4, 4)
+    first, later = tracker.rates
+    assert first == pytest.approx(0.5) and later == pytest.approx(1.0)
+    assert tracker.alpha == pytest.approx(200 / 250)  # one rate would say 0.8 for every draft
+    tracker.observe(0, 0)  # asked, nothing drafted: a failed first draft
+    assert tracker.rates[0] < first and tracker.rates[1] == pytest.approx(1.0)
+
+
+def test_drafting_climbs_to_long_blocks_that_pay_when_one_draft_alone_does_not():
+    # 2 to 9 positions cost about what 2 cost (a verifier bound by weight reads), drafts are cheap;
+    # the drafter's first token is right half the time, its later ones 85%
+    cost = measured(0.2, {1: 1.0, 2: 1.35})
+    rates = (0.5, 0.85)
+    assert expected_tokens(rates, 1) / cost.step_time(1) < 1.0  # one draft: worse than none
+    assert best_draft_length(rates, cost, 8) == 2  # one size past the longest timed, toward the best
+    for n in range(3, 10):
+        cost.observe_verify(n, 1.35 + 0.01 * n)
+    assert best_draft_length(rates, cost, 8) >= 4
+    assert best_draft_length(0.5, cost, 8) <= 1  # with one rate for every draft it would not draft
 
 
 def test_a_tracker_starts_from_the_pooled_acceptance_of_other_sequences():
