@@ -140,7 +140,7 @@ class CostModel:
         return self._verify_time(self._bucket, n)
 
     def _verify_time(self, bucket: int, n: int) -> float:
-        times = self._verify_by_bucket.get(bucket, {})
+        times = self._envelope(self._verify_by_bucket.get(bucket, {}))
         if n in times:
             return times[n]
         known = sorted(times)
@@ -157,6 +157,19 @@ class CostModel:
         hi = min(m for m in known if m > n)
         w = (n - lo) / (hi - lo)
         return (1 - w) * times[lo] + w * times[hi]
+
+    @staticmethod
+    def _envelope(times: dict[int, float]) -> dict[int, float]:
+        """The measured times made non-decreasing in the block size: a size costs no more than
+        any larger size measured. A block never gets cheaper as it grows, but single
+        measurements are noisy, and a size the policy stopped choosing keeps its last (maybe
+        unlucky) estimate for good; without this, one slow step of 4 positions could keep
+        blocks of 3 and 4 off while 6 looked cheap."""
+        out, low = {}, float("inf")
+        for n in sorted(times, reverse=True):
+            low = min(low, times[n])
+            out[n] = low
+        return out
 
     def step_time(self, k: int) -> float:
         """T(k): seconds for one step drafting k tokens."""

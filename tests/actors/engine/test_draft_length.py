@@ -67,6 +67,14 @@ def test_verify_time_is_interpolated_between_measured_sizes_and_flat_outside():
     assert CostModel(CFG).verify_time(3) == 1.0  # nothing measured yet
 
 
+def test_a_block_never_costs_less_than_a_smaller_one_measured_dearer():
+    # one unlucky step of 4 positions must not keep blocks of 3 and 4 off while 6 is cheap
+    cost = measured(0.0, {1: 1.0, 2: 1.3, 4: 2.5, 6: 1.4})
+    assert cost.verify_time(4) == pytest.approx(1.4) and cost.verify_time(3) == pytest.approx(1.35)
+    assert cost.verify_time(2) == pytest.approx(1.3) and cost.verify_time(1) == pytest.approx(1.0)
+    assert best_draft_length((0.6, 0.8), cost, 5) == 5
+
+
 def test_step_time_adds_the_round_trip_only_when_drafting():
     cost = measured(0.1, {1: 1.0, 5: 1.0}, rtt_s=0.25)
     assert cost.step_time(0) == pytest.approx(1.0)
