@@ -80,7 +80,7 @@ class DrafterSettings:
     models: ModelChoice
     max_num_seqs: int = 64
     max_seq_len: int = 2048
-    confidence_threshold: float = 0.4
+    confidence_threshold: float = 0.0
     pipelined: bool = True
     host: str | None = None
     weight_version: str = "demo-v0"

@@ -114,7 +114,7 @@ def _hf_models():
     return target, drafter
 
 
-def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, threshold: float = 0.4,
+def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, threshold: float = 0.0,
               include_hf: bool = True, seed: int = 0, progress=print) -> dict:
     """Run every mode over the same prompts; returns the table rows and the settings."""
     engines = {}

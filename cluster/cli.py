@@ -114,7 +114,7 @@ def _add_generate(sub) -> None:
                    help="model | ngram | none (plain decoding) | path to a drafter checkpoint")
     p.add_argument("--target", default=None, help="target checkpoint directory (default: the demo target)")
     p.add_argument("--k-max", type=int, default=8, help="longest draft block")
-    p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence below which drafting stops")
+    p.add_argument("--threshold", type=float, default=0.0, help="drafter confidence below which drafting stops")
     p.add_argument("--fixed-k", type=int, default=None,
                    help="draft exactly this many tokens every step instead of the cost model's choice (in-process)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -129,7 +129,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="tokens generated per prompt (default 128; --distill: 32)")
     p.add_argument("--k-max", type=int, default=8, help="longest draft block")
-    p.add_argument("--threshold", type=float, default=0.4, help="drafter confidence threshold")
+    p.add_argument("--threshold", type=float, default=0.0, help="drafter confidence threshold")
     p.add_argument("--seed", type=int, default=0, help="prompt selection seed")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     p.add_argument("--threads", type=int, default=1,

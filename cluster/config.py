@@ -116,7 +116,9 @@ class SpeculationConfig(Strict):
     """How the verifier uses drafts."""
 
     k_max: int = Field(8, ge=1, le=32, description="Longest draft block.")
-    confidence_threshold: float = Field(0.4, ge=0, le=1, description="Drafter stops when its top probability falls below.")
+    confidence_threshold: float = Field(0.0, ge=0, le=1, description=(
+        "Drafter stops a block when its top probability falls below this; 0 = never: the cost model "
+        "alone picks the length (on the demo pair any stop drafts less than pays)."))
     draft_deadline_ms: float = Field(50.0, gt=0, description="Longest wait for a draft; a late sequence decodes without.")
     pipelined: bool = Field(True, description="Drafters draft block n+1 while block n is verified (chains only).")
     tree_nodes: int = Field(0, ge=0, le=63, description=(

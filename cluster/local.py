@@ -14,7 +14,7 @@ from specserve.actors.engine.draft_length import FIXED_K_MAX
 from specserve.actors.engine.request import GenerationResult, InvalidRequestError, make_params
 
 
-def engine_spec(target: str | None, drafter: str, k_max: int = 8, threshold: float = 0.4,
+def engine_spec(target: str | None, drafter: str, k_max: int = 8, threshold: float = 0.0,
                 max_num_seqs: int = 8, max_seq_len: int = 2048, fixed_k: int | None = None) -> EngineSpec:
     """EngineSpec from CLI flags: `drafter` is a kind (model/ngram/none) or a checkpoint path."""
     target_path = Path(target) if target else demo_path("target")

@@ -29,7 +29,7 @@ class EngineSpec:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     k_max: int = 8
-    confidence_threshold: float = 0.4
+    confidence_threshold: float = 0.0
     tree_nodes: int = 0  # > 0: the model drafter drafts token trees of up to this many tokens
     tree_lookup: int = 8  # longest prompt-lookup branch merged into greedy trees (0: none)
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)

@@ -209,7 +209,7 @@ class ModelDrafter(BaseDrafter):
 
     name = "model"
 
-    def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.4, top_m: int = 16):
+    def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16):
         super().__init__()
         self.runner = runner
         self.confidence_threshold = confidence_threshold

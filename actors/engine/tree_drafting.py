@@ -167,7 +167,7 @@ class TreeDrafter(ModelDrafter):
 
     LOOKUP_PRIOR = (0.3, 0.6)  # accept rate of a lookup node after the model's / after a lookup node
 
-    def __init__(self, runner, confidence_threshold: float = 0.4, top_m: int = 16, branching: int = 3,
+    def __init__(self, runner, confidence_threshold: float = 0.0, top_m: int = 16, branching: int = 3,
                  min_score: float = 0.0, lookup: int = 8):
         super().__init__(runner, confidence_threshold, top_m)
         self.branching = branching  # most children per node
