@@ -19,6 +19,14 @@ EAGLE-2 / Sequoia rather than one fixed shape), best first:
                siblings', so the pick always keeps siblings a prefix of their draw order (which
                sampled verification needs) and every node's parent.
 
+  lookup       greedy trees also take in the sequence's prompt-lookup continuation (what
+               followed the latest earlier occurrence of its longest matching n-gram): it
+               follows the drafter's nodes where they agree and adds nodes where they do not,
+               scored with a calibration of their own. A small drafter is weakest exactly where
+               code repeats what the sequence already holds (names, argument lists), and that is
+               where lookup is right. (Sampled trees have none: their siblings must be drawn
+               from q in order.)
+
 Each level costs one drafter forward over the nodes being expanded and their ancestors, fed as
 a block under the tree mask on top of the sequence's cached context. After the verdict the
 accepted path's cache entries are compacted into place (kernels/compaction.py), so the next
@@ -91,7 +99,9 @@ class _Tree:
     def best(self) -> list[int]:
         """The `budget` best nodes in pool order. Scores never grow down a path or along the
         siblings' draw order, and ties go to the earlier node, so the pick is closed under
-        parents and earlier siblings: a valid tree whose siblings are a prefix of their draws."""
+        parents and earlier siblings: a valid tree whose siblings are a prefix of their draws.
+        (A lookup node, greedy trees only, may outscore an earlier sibling; greedy verification
+        needs only the closure under parents.)"""
         ranked = sorted(range(len(self.tokens)), key=lambda i: (-self.scores[i], i))
         return sorted(ranked[: self.budget])
 
@@ -176,7 +186,8 @@ class TreeDrafter(ModelDrafter):
         self.prompt_lookup = PromptLookup()
         self.lookup_calibration = Calibration(ranks=2, prior=self.LOOKUP_PRIOR)
         self._fed_nodes: dict[int, dict[int, int]] = {}  # seq -> {draft index: cache offset after the context}
-        self._last_tree: dict[int, tuple[list[int], list[float]]] = {}  # seq -> (parents, drafter probs)
+        # seq -> (parents, drafter probs, lookup ranks (None: the drafter's node)) of its last tree
+        self._last_tree: dict[int, tuple[list[int], list[float], list[int | None]]] = {}
         # greedy and sampled verification accept differently: one calibration each
         self.calibration = {True: Calibration(), False: Calibration()}  # by params.greedy
 
