@@ -173,7 +173,7 @@ class DistillConfig(Strict):
     gate_margin: float = Field(0.002, ge=-1, le=1, description=(
         "A candidate is published when its expected acceptance on held-out traffic beats the live "
         "version's by more than this (negative: publish slightly worse ones too; for tests)."))
-    duty_cycle: float = Field(0.35, gt=0, le=1, description=(
+    duty_cycle: float = Field(0.5, gt=0, le=1, description=(
         "Share of wall time the trainer computes; it sleeps the rest so serving on shared CPUs keeps its pace."))
     canary_fraction: float = Field(0.5, gt=0, le=1, description=(
         "Share of drafter replicas (at least one) that run a new version before the whole pool."))

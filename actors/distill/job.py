@@ -54,7 +54,7 @@ class DistillSpec:
     half_life_records: float = 2000.0
     holdout_fraction: float = 0.1
     gate_margin: float = 0.002
-    duty_cycle: float = 0.35
+    duty_cycle: float = 0.5
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int = 1
