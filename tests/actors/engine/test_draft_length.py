@@ -218,8 +218,8 @@ def test_the_tracker_tells_a_blocks_first_draft_from_the_later_ones():
 
 
 def test_drafting_climbs_to_long_blocks_that_pay_when_one_draft_alone_does_not():
-    # 2 to 9 positions cost about what 2 cost (a verifier bound by weight reads), drafts are cheap;
-    # the drafter's first token is right half the time, its later ones 85%
+    # 2 to 9 positions cost about what 2 cost (a verifier bound by weight reads), drafts are cheap,
+    # and a drafter's first draft is right half the time, its later ones 85%
     cost = measured(0.2, {1: 1.0, 2: 1.35})
     rates = (0.5, 0.85)
     assert expected_tokens(rates, 1) / cost.step_time(1) < 1.0  # one draft: worse than none
