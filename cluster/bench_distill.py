@@ -126,7 +126,7 @@ def _r(x):
 
 def run_bench_distill(requests: int, window: int, concurrency: int, max_tokens: int, after_rounds: int, port: int,
                       progress=print) -> dict:
-    """Run the three phases on a local cluster; returns the report."""
+    """Run the phases of the module docstring on a local cluster; returns the report."""
     import ray
 
     from specserve.actors.demo import demo_path
