@@ -44,10 +44,6 @@ def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x.to(h.dtype)
 
 
-def _t(w: torch.Tensor) -> "_Linear":
-    return _Linear(w.detach().t().contiguous())
-
-
 class _Linear:
     """x @ w for one weight, by the faster CPU routine for the number of rows.
 
@@ -63,12 +59,14 @@ class _Linear:
 
     ROWS_BLOCKED = 3  # fewest rows that take the blocked (oneDNN) product
 
-    def __init__(self, w: torch.Tensor):  # w: [in, out], contiguous
-        self.w = w
+    def __init__(self, weight: torch.Tensor):  # weight: [out, in], as nn.Linear holds it
+        weight = weight.detach()
+        self.w = weight.t().contiguous()  # [in, out]
         self.blocked = None
-        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) \
+                and torch.backends.mkldnn.is_available():
             try:
-                self.blocked = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 4)
+                self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 4)
             except (RuntimeError, AttributeError):  # a build without oneDNN's linear: MKL for every size
                 self.blocked = None
 
@@ -83,12 +81,12 @@ class _Layer:
 
     def __init__(self, layer, window: int | None):
         att, mlp = layer.self_attn, layer.mlp
-        self.qkv = _t(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))  # [hidden, q+k+v]
+        self.qkv = _Linear(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))  # [hidden, q+k+v]
         biases = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
         self.qkv_bias = None if biases[0] is None else torch.cat(biases).detach()
-        self.o = _t(att.o_proj.weight)
-        self.gate_up = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))  # [hidden, 2 * inter]
-        self.down = _t(mlp.down_proj.weight)
+        self.o = _Linear(att.o_proj.weight)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))  # [hidden, 2 * inter]
+        self.down = _Linear(mlp.down_proj.weight)
         self.norm_in = layer.input_layernorm.weight.detach()
         self.norm_post = layer.post_attention_layernorm.weight.detach()
         self.scaling = att.scaling
@@ -122,7 +120,7 @@ class LeanForward:
         self.layers = [_Layer(layer, self._window(layer)) for layer in inner.layers]
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
-        self.lm_head = _t(self.model.lm_head.weight)
+        self.lm_head = _Linear(self.model.lm_head.weight)
         positions = torch.arange(self.cache.capacity, device=self.embed.device).unsqueeze(0)
         probe = torch.zeros(1, 1, self.head_dim, dtype=self.embed.dtype, device=self.embed.device)
         cos, sin = inner.rotary_emb(probe, positions)
