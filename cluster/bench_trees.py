@@ -75,6 +75,7 @@ def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 9
         progress(f"prompt {i + 1}/{len(prompts)} done")
     rows = _rows(totals)
     by_mode = {r["mode"]: r for r in rows}
+
     def ratio(a: str, b: str, key: str) -> float:
         return round(by_mode[a][key] / max(by_mode[b][key], 1e-9), 3)
 
