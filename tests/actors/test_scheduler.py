@@ -55,12 +55,19 @@ def test_a_full_queue_is_refused_with_overloaded(models):
     s = scheduler(models, slots=1, max_queue=1)
 
     async def main():
-        first = s.submit(PROMPTS[0], make_params(max_tokens=50))
-        await asyncio.sleep(0.2)  # admitted: the queue is empty again
+        # long enough to hold the only slot while the queue fills, however fast this machine is
+        first = s.submit(PROMPTS[0], make_params(max_tokens=120, ignore_eos=True))
+        for _ in range(1000):  # until the engine thread admits it: the queue is empty again
+            if s.load == (1, 0):
+                break
+            await asyncio.sleep(0.005)
+        assert s.load == (1, 0)
         second = s.submit(PROMPTS[1], make_params(max_tokens=5))
         with pytest.raises(OverloadedError):
             s.submit(PROMPTS[2], make_params(max_tokens=5))
-        await asyncio.gather(collect(s, first), collect(s, second))
+        s.cancel(first)  # frees the slot for the queued one
+        chunks = await collect(s, second)
+        assert chunks[-1].finish_reason is not None
 
     try:
         asyncio.run(main())
