@@ -63,7 +63,7 @@ def distill_specs(cfg: SpecserveConfig) -> tuple[HubSettings, DistillSpec]:
                        d.loss, d.learning_rate, d.batch_size, d.max_len, d.rejected_weight, d.teacher_temperature,
                        d.steps_per_round,
                        d.min_records, d.buffer_capacity, d.half_life_records, d.holdout_fraction, d.gate_margin,
-                       d.duty_cycle, d.num_cpus, d.num_gpus, d.threads)
+                       d.duty_cycle, d.num_cpus, d.num_gpus, d.threads, d.nice)
     return hub, spec
 
 

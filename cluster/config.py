@@ -188,6 +188,9 @@ class DistillConfig(Strict):
     num_cpus: float = Field(1.0, ge=0, description="CPUs of the training worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the training worker (a fraction shares a verifier's GPU).")
     threads: int = Field(1, ge=1, description="torch CPU threads of the training worker.")
+    nice: int = Field(19, ge=0, le=19, description=(
+        "CPU niceness of the training thread: 19 lets serving on the same cores preempt training "
+        "(training then runs on what serving leaves), 0 competes with serving as an equal."))
 
 
 class ServerConfig(Strict):

@@ -7,8 +7,9 @@ the student through the hub when the gate says it is better. The hub then runs t
 promotes or rolls back; the distiller follows whatever the hub says is live, so a rolled-back
 student is reset to the live weights.
 
-Training shares machines with serving, so it is throttled to `duty_cycle` of wall time, and it
-never blocks serving: verifiers only ever talk to the hub. If the worker dies, Ray Train
+Training shares machines with serving, so it is throttled to `duty_cycle` of wall time and runs
+at the lowest CPU priority (`nice`: on shared cores the kernel serves the verifier and drafters
+first), and it never blocks serving: verifiers only ever talk to the hub. If the worker dies, Ray Train
 restarts it (FailureConfig(max_failures=-1)) and the loop resumes from the live version; the
 records it had buffered are lost, the traffic keeps coming.
 """
@@ -58,6 +59,7 @@ class DistillSpec:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int = 1
+    nice: int = 19
 
 
 def load_student(path: str, device: torch.device) -> torch.nn.Module:
@@ -67,11 +69,25 @@ def load_student(path: str, device: torch.device) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
+def lower_priority(nice: int) -> int:
+    """Run the calling thread (the training loop, and threads it starts later) at CPU niceness
+    `nice`: on CPUs shared with serving, the kernel then gives serving the cores first and the
+    trainer what is left. Linux niceness is per thread, so Ray's own threads in this worker keep
+    theirs. Returns the niceness now in effect (raising it needs no privilege)."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except (AttributeError, OSError) as e:  # not Linux-like, or refused: train at the same priority
+        log.warning("could not lower the trainer's CPU priority: %s", e)
+    return os.getpriority(os.PRIO_PROCESS, tid) if hasattr(os, "getpriority") else 0
+
+
 class Distiller:
     """The training loop of one worker (see the module docstring)."""
 
     def __init__(self, spec: DistillSpec, hub, device: torch.device, on_report=None):
         torch.set_num_threads(spec.threads)
+        lower_priority(spec.nice)
         self.spec, self.hub, self.device = spec, hub, device
         self.on_report = on_report  # also hand each round's numbers here (ray.train.report)
         self.student = load_student(spec.drafter_path, device)

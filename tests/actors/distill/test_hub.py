@@ -6,6 +6,8 @@ the module starts one small Ray instance); tests/cluster/test_distill.py runs it
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
@@ -159,7 +161,7 @@ def test_pausing_stops_the_distiller_within_one_step_not_at_the_end_of_its_round
 
     actor = ray.remote(DistillHub).remote(HubSettings(str(tmp_path / "store"), BASE))
     spec = DistillSpec(str(demo_path("drafter")), 8192, str(tmp_path / "train"), steps_per_round=4, duty_cycle=1.0,
-                       max_len=32)
+                       max_len=32, nice=0)  # nice=0: this is pytest's own thread
     distiller = Distiller(spec, actor, torch.device("cpu"))
     for r in teacher_records(teacher(seed=0), 16, seed=0):
         distiller.buffer.add(r)
@@ -167,3 +169,23 @@ def test_pausing_stops_the_distiller_within_one_step_not_at_the_end_of_its_round
     ray.get(actor.set_paused.remote(True))
     assert not distiller.train_round() and distiller.report["steps"] == 4
     ray.kill(actor)
+
+
+def test_the_trainer_thread_runs_at_the_configured_niceness_and_other_threads_keep_theirs():
+    from specserve.actors.distill.job import lower_priority
+
+    seen = {}
+
+    def trainer():
+        seen["returned"] = lower_priority(19)
+        seen["trainer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=trainer)
+    t.start()
+    t.join()
+    assert seen == {"returned": 19, "trainer": 19, "child": 19}  # threads it starts inherit it
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
