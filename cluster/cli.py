@@ -156,7 +156,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--window", type=int, default=100, help="--distill: requests per measurement window")
     p.add_argument("--clients", type=int, default=None,
                    help="--distill/--faults: concurrent requests (default 8); --overload: client threads (default 64)")
-    p.add_argument("--after-rounds", type=int, default=2,
+    p.add_argument("--after-rounds", type=int, default=4,
                    help="--distill: paused/training window pairs measured after the training phase")
     p.add_argument("--faults", action="store_true",
                    help="kill drafters, the registry, the distiller, the hub and a verifier under load (local "

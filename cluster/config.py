@@ -159,7 +159,7 @@ class DistillConfig(Strict):
         "KD loss: forward KL (mass-covering), reverse KL (mode-seeking) or JSD."))
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the drafter copy.")
     batch_size: int = Field(16, ge=1, description="Records per training step.")
-    max_len: int = Field(128, ge=16, description="Tokens per training row (context tail + draft).")
+    max_len: int = Field(64, ge=16, description="Tokens per training row (context tail + draft).")
     rejected_weight: float = Field(3.0, ge=0, description="Loss weight of the first rejected position (OSD).")
     teacher_temperature: float = Field(1.0, gt=0, le=1, description=(
         "Recorded p is sharpened to this temperature for training and the gate; < 1 concentrates the "
@@ -173,7 +173,7 @@ class DistillConfig(Strict):
     gate_margin: float = Field(0.002, ge=-1, le=1, description=(
         "A candidate is published when its expected acceptance on held-out traffic beats the live "
         "version's by more than this (negative: publish slightly worse ones too; for tests)."))
-    duty_cycle: float = Field(0.5, gt=0, le=1, description=(
+    duty_cycle: float = Field(0.25, gt=0, le=1, description=(
         "Share of wall time the trainer computes; it sleeps the rest so serving on shared CPUs keeps its pace."))
     canary_fraction: float = Field(0.5, gt=0, le=1, description=(
         "Share of drafter replicas (at least one) that run a new version before the whole pool."))

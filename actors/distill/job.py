@@ -46,7 +46,7 @@ class DistillSpec:
     loss: str = "fkl"
     learning_rate: float = 3e-4
     batch_size: int = 16
-    max_len: int = 128
+    max_len: int = 64
     rejected_weight: float = 3.0
     teacher_temperature: float = 1.0
     steps_per_round: int = 50
@@ -55,7 +55,7 @@ class DistillSpec:
     half_life_records: float = 2000.0
     holdout_fraction: float = 0.1
     gate_margin: float = 0.002
-    duty_cycle: float = 0.5
+    duty_cycle: float = 0.25
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int = 1
