@@ -54,7 +54,7 @@ def _fresh_runner(runner):
     return type(runner)(runner.model, runner.cfg)
 
 
-def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 96, branching: int = 4,
+def run_tree_bench(budgets: list[int], num_prompts: int = 8, max_tokens: int = 96, branching: int = 3,
                    seed: int = 0, temperature: float = 0.0, device: str = "cpu", progress=print) -> dict:
     """Every mode over the same prompts; returns rows, tree/chain ratios and the settings.
 

@@ -147,7 +147,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--trees", action="store_true",
                    help="token trees vs chains at the same verify budget (in-process, demo pair)")
     p.add_argument("--budgets", default="4,8,16", help="--trees: draft positions verified per step")
-    p.add_argument("--branching", type=int, default=4, help="--trees: most children per tree node")
+    p.add_argument("--branching", type=int, default=3,
+                   help="--trees: most children per tree node (default: what serving uses, TreeDrafter's)")
     p.add_argument("--temperature", type=float, default=0.0, help="--trees: 0 = greedy, > 0 = sampled requests")
     p.add_argument("--device", default="cpu", help="--trees: cpu or cuda")
     p.add_argument("--distill", action="store_true",
