@@ -9,9 +9,9 @@ student is reset to the live weights.
 
 Training shares machines with serving, so it is throttled to `duty_cycle` of wall time and runs
 at the lowest CPU priority (`nice`: on shared cores the kernel serves the verifier and drafters
-first), and it never blocks serving: verifiers only ever talk to the hub. If the worker dies, Ray Train
-restarts it (FailureConfig(max_failures=-1)) and the loop resumes from the live version; the
-records it had buffered are lost, the traffic keeps coming.
+first), and it never blocks serving: verifiers only ever talk to the hub. If the worker dies,
+Ray Train restarts it (FailureConfig(max_failures=-1)) and the loop resumes from the live
+version; the records it had buffered are lost, the traffic keeps coming.
 """
 
 from __future__ import annotations
