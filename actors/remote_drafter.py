@@ -10,7 +10,11 @@ multiplexed by sequence id). A drafter can only cost speed:
   know it, is detached and later started again on a drafter (possibly another one) with its
   whole context;
 - a broken stream (replica dead or scaled away) detaches all its sequences at once and keeps
-  its address out of the choice for `retry_s`.
+  its address out of the choice for `retry_s`;
+- a sequence whose drafter sat out more than `catch_up_wait` steps (speculation was off, e.g.
+  until a probe) sends it their verdicts without waiting for the draft that follows them: the
+  drafter feeds the missed tokens while the verifier runs its step, and drafts from the next
+  step on, instead of the whole batch waiting for that feed.
 Nothing a drafter does changes what the verifier emits: drafts are only ever proposals.
 """
 
@@ -108,7 +112,7 @@ class RemoteDrafterPool(BaseDrafter):
 
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, catch_up_wait: int = 4):
         super().__init__()
         self.endpoints = endpoints
         self.vocab_size = vocab_size
@@ -117,6 +121,7 @@ class RemoteDrafterPool(BaseDrafter):
         self.max_misses = max_misses
         self.retry_s = retry_s
         self.tls = tls
+        self.catch_up_wait = catch_up_wait  # longest catch-up (steps sat out) a draft is awaited after
         self.remote: dict[int, _Remote] = {}
         self.links: dict[str, _Link] = {}
         self.bad_until: dict[str, float] = {}
@@ -195,7 +200,13 @@ class RemoteDrafterPool(BaseDrafter):
                 rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0, path, nodes if last else 0))
             rs.outstanding += len(rs.verdicts)
             rs.catch_up = len(rs.verdicts) > 1  # verdicts of steps it sat out: fed before it drafts
-            rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0
+            # a long catch-up is fed while the verifier steps without this sequence's draft (its
+            # round counts as not drafted, like a Start's), not while the whole batch waits;
+            # seeded sampling always waits: its tokens must not depend on timing
+            params = self.seqs[seq_id].params
+            seeded = params.seed is not None and not params.greedy
+            long = len(rs.verdicts) > self.catch_up_wait and not seeded
+            rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0 and not long
         rs.sent_at = now
 
     def _attach(self, seq_id: int, rs: _Remote, k: int, nodes: int) -> None:

@@ -197,3 +197,36 @@ def test_rounds_the_verifier_did_not_wait_for_do_not_count_against_acceptance(mo
     before = engine.seqs[seq].tracker.alpha
     engine.step()
     assert engine.seqs[seq].tracker.alpha >= before
+
+
+@pytest.mark.parametrize("catch_up_wait", [4, 100])
+def test_a_long_catch_up_is_fed_while_the_verifier_steps_and_drafts_come_from_the_next_step(models, catch_up_wait):
+    """Verdicts of 7 steps sat out: beyond catch_up_wait the verifier does not wait for the draft
+    that follows them (its round counts as not drafted); the drafter has fed them by the next
+    step, which gets its draft. Within catch_up_wait the draft is awaited as before."""
+    from specserve.actors.engine.drafters import DraftRequest
+
+    target, drafter, _ = models
+    server = model_server(drafter)
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0,
+                             catch_up_wait=catch_up_wait)
+    try:
+        pool.start(0, PROMPTS[3], make_params(max_tokens=64))
+        assert pool.propose([DraftRequest(0, 2)])[0].tokens == []  # the Start: prefilling, not awaited
+        end = time.monotonic() + 10
+        while not pool.remote[0].answered and time.monotonic() < end:
+            time.sleep(0.01)
+        assert pool.remote[0].answered
+        pool.verdict(0, 0, 11)
+        for token in range(40, 46):  # speculation off: verdicts wait in the verifier
+            assert pool.propose([DraftRequest(0, 0)])[0].tokens == []
+            pool.verdict(0, 0, token)
+        [back] = pool.propose([DraftRequest(0, 2)])
+        if catch_up_wait < 7:
+            assert back.tokens == [] and back.requested == 0
+            pool.verdict(0, 0, 50)
+            [back] = pool.propose([DraftRequest(0, 2)])
+        assert len(back.tokens) == 2 and back.requested == 2
+    finally:
+        pool.close()
+        server.stop()
