@@ -28,7 +28,7 @@ class DraftLengthConfig:
     k_max: int = 8  # longest draft block
     alpha_prior: float = 0.7  # acceptance assumed before any block was verified (then: the pooled rate, see AcceptanceTracker)
     alpha_ema: float = 0.1  # decay of the accept counts per verified block
-    time_ema: float = 0.1  # weight of a measurement in the cost model, per step since the previous one
+    time_ema: float = 0.1  # weight of the latest measurement in the cost model
     recovery: float = 0.1  # per-step decay of an idle sequence's counts (alpha drifts to the prior)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model): for tests/studies
     probe_every: int = 32  # after this many steps without drafting, draft one token to re-measure its cost
@@ -72,12 +72,9 @@ class CostModel:
         self._draft_by_bucket: dict[int, float] = {}
         self._rtt_by_bucket: dict[int, float] = {}
         self._bucket = 1
-        self._step = 0  # steps begun (use_batch calls)
-        self._measured_at: dict[tuple, int] = {}  # estimate -> step of its last measurement
 
     def use_batch(self, batch: int) -> None:
-        """A step of `batch` sequences begins: the following estimates and measurements are for it."""
-        self._step += 1
+        """The following estimates and measurements are for steps of `batch` sequences."""
         self._bucket = 1 << max(0, batch - 1).bit_length()
 
     @property
@@ -109,33 +106,23 @@ class CostModel:
         """Seconds a remote draft round trip adds beyond drafting, at the current batch."""
         return self._borrowed(self._rtt_by_bucket, self._rtt_default)
 
-    def _ema(self, key: tuple, old: float | None, new: float) -> float:
-        """A moving average over steps, not over measurements: a measurement takes the weight
-        1 - (1 - time_ema)^gap, gap being the steps since the estimate's previous one. An
-        estimate measured every step moves by time_ema; one measured only now and then (a
-        block size tried once in a while, the probes' blocks while speculation is off) follows
-        its latest measurement, so that noisy timings of a machine's first steps cannot keep
-        speculation off for thousands of steps."""
-        gap = max(1, self._step - self._measured_at.get(key, self._step))
-        self._measured_at[key] = self._step
-        if old is None:
-            return new
-        return old + (1.0 - (1.0 - self.cfg.time_ema) ** gap) * (new - old)
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.cfg.time_ema * (new - old)
 
     def observe_draft(self, forwards: int, seconds: float) -> None:
         """A drafting call of `forwards` drafter forward passes took `seconds`."""
         if forwards > 0:
             b = self._bucket
-            self._draft_by_bucket[b] = self._ema(("draft", b), self._draft_by_bucket.get(b), seconds / forwards)
+            self._draft_by_bucket[b] = self._ema(self._draft_by_bucket.get(b), seconds / forwards)
 
     def observe_rtt(self, seconds: float) -> None:
         """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`."""
         b = self._bucket
-        self._rtt_by_bucket[b] = self._ema(("rtt", b), self._rtt_by_bucket.get(b), max(0.0, seconds))
+        self._rtt_by_bucket[b] = self._ema(self._rtt_by_bucket.get(b), max(0.0, seconds))
 
     def observe_verify(self, n: int, seconds: float) -> None:
         """A verification forward with blocks of `n` positions took `seconds`."""
-        self.verify_s[n] = self._ema(("verify", self._bucket, n), self.verify_s.get(n), seconds)
+        self.verify_s[n] = self._ema(self.verify_s.get(n), seconds)
 
     def knows_plain(self) -> bool:
         """Whether a step without drafts has been timed at the current batch."""

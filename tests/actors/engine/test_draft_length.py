@@ -58,24 +58,6 @@ def test_draft_time_is_per_forward_and_an_ema_of_the_measurements():
     assert cost.draft_step_s == pytest.approx(0.6)
 
 
-def test_an_estimate_measured_every_step_moves_by_time_ema_and_one_measured_rarely_follows_its_latest():
-    every, rare = CostModel(CFG), CostModel(CFG)
-    for cost in (every, rare):
-        cost.use_batch(1)
-        cost.observe_verify(2, 0.020)  # a noisy first timing: twice the true 10 ms
-    every.use_batch(1)
-    every.observe_verify(2, 0.010)  # the next step
-    assert every.verify_s[2] == pytest.approx(0.020 - CFG.time_ema * 0.010)
-    for _ in range(64):  # speculation off: 64 steps without a block of 2 (a probe's size)
-        rare.use_batch(1)
-        rare.observe_verify(1, 0.008)
-    rare.use_batch(1)
-    rare.observe_verify(2, 0.010)
-    gap = 65  # steps since its first timing
-    assert rare.verify_s[2] == pytest.approx(0.010 + 0.010 * (1 - CFG.time_ema) ** gap)  # 0.01001
-    assert rare.verify_s[1] == pytest.approx(0.008)
-
-
 def test_verify_time_is_interpolated_between_measured_sizes_and_flat_outside():
     cost = measured(0.0, {2: 1.0, 6: 3.0})
     assert cost.verify_time(2) == pytest.approx(1.0)
