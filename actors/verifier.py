@@ -178,10 +178,15 @@ class Verifier:
                                           if self.pool and self.pool.overheads else None)}
 
     def _cost_model(self) -> dict:
-        cost = self.scheduler.engine.cost
+        """What the draft-length policy goes by now: the cost model's estimates at the last
+        step's batch size and the acceptance rates (first draft, later drafts) pooled over
+        this replica's sequences."""
+        engine = self.scheduler.engine
+        cost = engine.cost
         ms = lambda s: None if s is None else round(1000 * s, 3)  # noqa: E731
         return {"draft_step_ms": ms(cost.draft_step_s), "rtt_ms": ms(cost.rtt_s),
-                "verify_ms": {n: ms(t) for n, t in sorted(cost.verify_s.items())}}
+                "verify_ms": {n: ms(t) for n, t in sorted(cost.verify_s.items())},
+                "acceptance_rates": [round(r, 3) for r in engine.pooled.rates]}
 
     def __del__(self):
         """Graceful drain: health goes NOT_SERVING, admitted requests finish, then stop.

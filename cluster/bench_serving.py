@@ -178,6 +178,8 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
             after = _loads(list(VARIANTS))
             for name in VARIANTS:
                 results[level][name].engine = _timing_delta(before[name]["engine"], after[name]["engine"])
+                # what the verifier's draft-length policy went by at the end of the level
+                results[level][name].engine["cost_model"] = after[name]["cost_model"]
         # median draft round-trip overhead each speculative verifier measured over the whole run
         overheads = {name: load["draft_overhead_p50_ms"] for name, load in after.items()
                      if load.get("draft_overhead_p50_ms") is not None}
