@@ -147,6 +147,24 @@ class DraftWorker:
             wave.append(item)
 
     def _handle(self, wave: list) -> None:
+        """Apply a wave of messages and answer them. Starts go last (in their order) unless
+        the wave also holds a swap, a closed stream or another message about a started
+        sequence: a Start prefills its whole prompt, which the verifier does not wait for,
+        and the rounds it does wait for in the same wave should not wait for that prefill."""
+        starts = [item for item in wave if not isinstance(item, _Swap) and item[1] is not None
+                  and item[1].WhichOneof("message") == "start"]
+        if not starts or len(starts) == len(wave):
+            return self._handle_in_order(wave)
+        started = {(stream.stream_id, msg.start.sequence_id) for stream, msg in starts}
+        others = [item for item in wave if not any(item is st for st in starts)]
+        if any(isinstance(item, _Swap) or item[1] is None
+               or (item[0].stream_id, getattr(item[1], item[1].WhichOneof("message")).sequence_id) in started
+               for item in others):
+            return self._handle_in_order(wave)
+        self._handle_in_order(others)
+        self._handle_in_order(starts)
+
+    def _handle_in_order(self, wave: list) -> None:
         pending: dict[int, tuple[_Stream, int, int, int]] = {}  # seq -> (stream, wire id, k, tree nodes)
         for item in wave:
             if isinstance(item, _Swap):  # between drafts: what was asked before gets the old weights

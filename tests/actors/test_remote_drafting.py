@@ -230,3 +230,43 @@ def test_a_long_catch_up_is_fed_while_the_verifier_steps_and_drafts_come_from_th
     finally:
         pool.close()
         server.stop()
+
+
+def test_a_wave_answers_rounds_that_feed_little_before_a_start_that_prefills_its_prompt(models):
+    """A Start (a prompt to prefill) and a Verdict (one token to feed) read in one wave: the
+    Verdict's draft leaves first, so the round the verifier waits for does not wait for the prefill."""
+    import asyncio
+    import threading
+
+    from specserve.actors.convert import start_pb, verdict_pb
+    from specserve.actors.draft_server import DraftWorker, _Stream
+
+    _, drafter, _ = models
+    worker = DraftWorker(ModelDrafter(runner(drafter, max_num_seqs=4), confidence_threshold=0.0), "v0",
+                         pipelined=False)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        stream = _Stream(1, asyncio.run_coroutine_threadsafe(_queue(), loop).result(5), loop)
+        params = make_params(max_tokens=64)
+        long_prompt = list(range(5, 69))
+        worker._handle([(stream, start_pb(7, PROMPTS[1], params, 0, 2))])  # B: started and fed
+        worker._handle([(stream, start_pb(8, long_prompt, params, 0, 2)),  # A: a prompt to prefill
+                        (stream, verdict_pb(7, 0, 11, 2))])  # B: one token to feed, then 2 drafts
+
+        async def drain():
+            out = []
+            while not stream.outbox.empty():
+                out.append(stream.outbox.get_nowait().draft.sequence_id)
+            return out
+
+        time.sleep(0.2)  # the sends are queued onto the loop thread
+        assert asyncio.run_coroutine_threadsafe(drain(), loop).result(5) == [7, 7, 8]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+
+
+async def _queue() -> "asyncio.Queue":
+    import asyncio
+
+    return asyncio.Queue()
