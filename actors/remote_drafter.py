@@ -99,6 +99,7 @@ class _Remote:
     sent_at: float = 0.0
     starting: bool = False  # the drafter may still be prefilling: misses don't count, no cost samples
     answered: bool = False  # the drafter has answered this sequence since it was (re)started
+    attached_at: float = 0.0  # when its Start was sent
     catch_up: bool = False  # the awaited draft follows verdicts of several steps (see Draft.catch_up)
     misses: int = 0
     retry_at: float = 0.0
@@ -109,6 +110,7 @@ class RemoteDrafterPool(BaseDrafter):
     """Drafts from drafter replicas listed by `endpoints()` (see module docstring)."""
 
     name = "remote"
+    PREFILL_GRACE_S = 1.0  # how long a drafter's prefill of a new sequence excuses its late drafts
 
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
@@ -159,12 +161,19 @@ class RemoteDrafterPool(BaseDrafter):
                 self._request(r.seq_id, r.k, r.nodes, now)
             deadline = now + self.deadline_s
             awaited = [self.remote[r.seq_id] for r in reqs if self.remote[r.seq_id].waiting]
+            prefilling = self._prefilling(now)
             while any(rs.result is None and rs.link is not None for rs in awaited):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return [self._collect(r) for r in reqs]
+            return [self._collect(r, prefilling) for r in reqs]
+
+    def _prefilling(self, now: float) -> set[int]:
+        """Links (by id) whose drafter is still prefilling a sequence attached less than
+        PREFILL_GRACE_S ago: a draft from it may wait behind that prefill."""
+        return {id(rs.link) for rs in self.remote.values()
+                if rs.link is not None and not rs.answered and now - rs.attached_at < self.PREFILL_GRACE_S}
 
     def version(self, seq_id: int) -> str:
         """Weight version of the drafter whose last draft this sequence got."""
@@ -217,6 +226,7 @@ class RemoteDrafterPool(BaseDrafter):
         st = self.seqs[seq_id]
         link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes))
         rs.link, rs.outstanding, rs.verdicts, rs.misses, rs.answered = link, 1, [], 0, False
+        rs.attached_at = time.monotonic()
         # the first draft waits for the drafter's prefill of the whole context: the batch does
         # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
         # whose tokens depend on which steps had drafts and must not depend on timing
@@ -240,14 +250,21 @@ class RemoteDrafterPool(BaseDrafter):
             link = self.links[best.address] = _Link(best.address, self._on_draft, self._on_broken, self.tls)
         return link
 
-    def _collect(self, r: DraftRequest) -> Draft:
+    def _collect(self, r: DraftRequest, prefilling: set[int]) -> Draft:
         rs = self.remote[r.seq_id]
+        # while its drafter prefills sequences a probe just attached (their Starts), a draft may
+        # wait behind that prefill: a late one is not a rejected draft nor a slow drafter, and a
+        # timely one's wait is no sample of the round trip
+        excused = rs.link is not None and id(rs.link) in prefilling
         # a round the verifier did not wait for (a Start still prefilling, no drafter) did not
         # speculate: requested=0 keeps it from counting as a failed accept trial
-        draft = rs.result if rs.result is not None else Draft([], requested=r.k if rs.waiting else 0)
+        draft = rs.result if rs.result is not None else \
+            Draft([], requested=r.k if rs.waiting and not excused else 0)
+        if excused and rs.result is not None:
+            draft.catch_up = True
         if rs.waiting and rs.result is None and rs.link is not None:
             self.misses += 1
-            if not rs.starting:
+            if not rs.starting and not excused:
                 rs.misses += 1
                 if rs.misses >= self.max_misses:
                     log.info("sequence %d: drafter %s too slow, detaching", r.seq_id, rs.link.address)

@@ -32,7 +32,7 @@ class Draft:
     requested: int = 0  # the k that was asked for (0: speculation was off for this step)
     seconds: float | None = None  # drafting time measured by a remote drafter (None: local, timed by the caller)
     parents: list[int] | None = None  # a token tree: parent draft index of each token, -1 = the root (None: a chain)
-    catch_up: bool = False  # the call first fed context the drafter had not seen: its time is no draft step's
+    catch_up: bool = False  # the drafter fed other context before drafting (what it missed, a new prompt): no cost sample
 
     def tree_parents(self) -> list[int]:
         """Parent of every draft token (-1: the pending token); a chain's are i - 1."""

@@ -270,3 +270,32 @@ async def _queue() -> "asyncio.Queue":
     import asyncio
 
     return asyncio.Queue()
+
+
+@pytest.mark.parametrize("attach_another", [False, True])
+def test_a_late_draft_while_the_drafter_prefills_a_new_sequence_is_no_failed_trial(models, attach_another):
+    """A draft that misses the deadline counts as a failed accept trial and a miss, unless its
+    drafter is prefilling a sequence attached in the same round (whose Start it handles first)."""
+    from specserve.actors.engine.drafters import DraftRequest
+
+    target, drafter, _ = models
+    server = DraftServerThread(SlowDrafter(runner(drafter, max_num_seqs=8), confidence_threshold=0.0))
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=0.02)
+    try:
+        pool.start(0, PROMPTS[1], make_params(max_tokens=64))
+        pool.propose([DraftRequest(0, 2)])  # its Start: not awaited
+        end = time.monotonic() + 10
+        while not pool.remote[0].answered and time.monotonic() < end:
+            time.sleep(0.01)
+        pool.verdict(0, 0, 11)
+        reqs = [DraftRequest(0, 2)]
+        if attach_another:
+            pool.start(1, PROMPTS[3], make_params(max_tokens=64))
+            reqs.append(DraftRequest(1, 2))
+        late = pool.propose(reqs)[0]  # 0.3 s of drafting against a 20 ms deadline
+        assert late.tokens == []
+        assert late.requested == (0 if attach_another else 2)
+        assert pool.remote[0].misses == (0 if attach_another else 1)
+    finally:
+        pool.close()
+        server.stop()
