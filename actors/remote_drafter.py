@@ -14,7 +14,10 @@ multiplexed by sequence id). A drafter can only cost speed:
 - a sequence whose drafter sat out more than `catch_up_wait` steps (speculation was off, e.g.
   until a probe) sends it their verdicts without waiting for the draft that follows them: the
   drafter feeds the missed tokens while the verifier runs its step, and drafts from the next
-  step on, instead of the whole batch waiting for that feed.
+  step on, instead of the whole batch waiting for that feed;
+- while a drafter prefills a sequence attached less than PREFILL_GRACE_S ago, its other
+  sequences' drafts may wait behind that prefill: a late one is neither a rejected draft nor a
+  miss, and a timely one's wait is no sample of the round trip.
 Nothing a drafter does changes what the verifier emits: drafts are only ever proposals.
 """
 
