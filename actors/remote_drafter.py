@@ -256,7 +256,7 @@ class RemoteDrafterPool(BaseDrafter):
     def _collect(self, r: DraftRequest, prefilling: set[int]) -> Draft:
         rs = self.remote[r.seq_id]
         # while its drafter prefills sequences a probe just attached (their Starts), a draft may
-        # wait behind that prefill: a late one is not a rejected draft nor a slow drafter, and a
+        # wait behind that prefill: a late one is neither a rejected draft nor a slow drafter, and a
         # timely one's wait is no sample of the round trip
         excused = rs.link is not None and id(rs.link) in prefilling
         # a round the verifier did not wait for (a Start still prefilling, no drafter) did not
