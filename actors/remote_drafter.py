@@ -215,9 +215,7 @@ class RemoteDrafterPool(BaseDrafter):
             # a long catch-up is fed while the verifier steps without this sequence's draft (its
             # round counts as not drafted, like a Start's), not while the whole batch waits;
             # seeded sampling always waits: its tokens must not depend on timing
-            params = self.seqs[seq_id].params
-            seeded = params.seed is not None and not params.greedy
-            long = len(rs.verdicts) > self.catch_up_wait and not seeded
+            long = len(rs.verdicts) > self.catch_up_wait and not self.seqs[seq_id].params.seeded_sampling
             rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0 and not long
         rs.sent_at = now
 
@@ -233,8 +231,7 @@ class RemoteDrafterPool(BaseDrafter):
         # the first draft waits for the drafter's prefill of the whole context: the batch does
         # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
         # whose tokens depend on which steps had drafts and must not depend on timing
-        seeded = st.params.seed is not None and not st.params.greedy
-        rs.starting, rs.waiting = True, k > 0 and seeded
+        rs.starting, rs.waiting = True, k > 0 and st.params.seeded_sampling
 
     def _choose_link(self) -> _Link | None:
         """Least-loaded live drafter, same node preferred."""

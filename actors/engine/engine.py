@@ -147,13 +147,13 @@ class SpeculativeEngine:
     def _draft_lengths(self, seqs: list[Sequence]) -> list[int]:
         if self.drafter is None:
             return [0] * len(seqs)
-        timed = [s for s in seqs if not (s.params.seed is not None and not s.params.greedy)]
+        timed = [s for s in seqs if not s.params.seeded_sampling]
         # one k for the batch: a longer block in one row makes the whole verify forward longer
         batch_k = best_draft_length([s.tracker.rates for s in timed], self.cost, self.policy.k_max) if timed else 0
         ks = []
         for s in seqs:
             k = self.policy.fixed_k
-            if k is None and s.params.seed is not None and not s.params.greedy:
+            if k is None and s.params.seeded_sampling:
                 # timings must not steer a seeded request: its output would vary run to run
                 k = self.policy.k_max
             if k is None:

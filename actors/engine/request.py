@@ -62,6 +62,12 @@ class SamplingParams(BaseModel):
         """True when decoding takes the argmax."""
         return self.temperature == 0.0
 
+    @property
+    def seeded_sampling(self) -> bool:
+        """Sampled with a seed: the tokens depend on which steps had drafts, so that must not
+        depend on timing (reproducible output)."""
+        return self.seed is not None and not self.greedy
+
 
 def make_params(**kwargs) -> SamplingParams:
     """SamplingParams from keyword arguments, raising InvalidRequestError naming the field."""

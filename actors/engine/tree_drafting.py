@@ -282,7 +282,7 @@ class TreeDrafter(ModelDrafter):
         # a seeded sampled request's tree must not depend on other traffic (its tokens depend on
         # the tree), so it scores with the drafter's own probabilities
         p = tree.st.params
-        calibrated = p.greedy or p.seed is None
+        calibrated = not p.seeded_sampling
         for parent, logits in frontier:
             cands, q_row = self._candidates(tree, parent, logits)
             score = 1.0 if parent < 0 else tree.scores[parent]
