@@ -151,15 +151,14 @@ class DraftWorker:
         the wave also holds a swap, a closed stream or another message about a started
         sequence: a Start prefills its whole prompt, which the verifier does not wait for,
         and the rounds it does wait for in the same wave should not wait for that prefill."""
-        starts = [item for item in wave if not isinstance(item, _Swap) and item[1] is not None
-                  and item[1].WhichOneof("message") == "start"]
-        if not starts or len(starts) == len(wave):
+        starts, others = [], []
+        for item in wave:
+            is_start = not isinstance(item, _Swap) and item[1] is not None and item[1].HasField("start")
+            (starts if is_start else others).append(item)
+        if not starts or not others:
             return self._handle_in_order(wave)
         started = {(stream.stream_id, msg.start.sequence_id) for stream, msg in starts}
-        others = [item for item in wave if not any(item is st for st in starts)]
-        if any(isinstance(item, _Swap) or item[1] is None
-               or (item[0].stream_id, getattr(item[1], item[1].WhichOneof("message")).sequence_id) in started
-               for item in others):
+        if any(isinstance(item, _Swap) or item[1] is None or _key(*item) in started for item in others):
             return self._handle_in_order(wave)
         self._handle_in_order(others)
         self._handle_in_order(starts)
@@ -178,8 +177,8 @@ class DraftWorker:
                 self._drop_stream(stream)
                 continue
             kind = msg.WhichOneof("message")
-            wire_id = getattr(msg, kind).sequence_id
-            seq = self.seq_ids.get((stream.stream_id, wire_id))
+            stream_id, wire_id = _key(stream, msg)
+            seq = self.seq_ids.get((stream_id, wire_id))
             if seq is not None and seq in pending:  # answer the earlier message first: order matters
                 self._answer(pending)
                 pending = {}
@@ -248,6 +247,11 @@ class DraftWorker:
             stream, wire_id, _, _ = pending[seq]
             stream.send(draft_to_pb(wire_id, draft, self.weight_version, seconds))
             self.drafts_sent += 1
+
+
+def _key(stream: _Stream, msg) -> tuple[int, int]:
+    """(stream, sequence id) a verifier message is about."""
+    return stream.stream_id, getattr(msg, msg.WhichOneof("message")).sequence_id
 
 
 def _unknown(wire_id: int, version: str) -> drafting_pb2.DrafterMessage:
