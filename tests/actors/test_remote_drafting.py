@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
 
+from specserve.actors.convert import start_pb, verdict_pb
+from specserve.actors.draft_server import DraftWorker, _Stream
 from specserve.actors.engine.draft_length import DraftLengthConfig
-from specserve.actors.engine.drafters import ModelDrafter
+from specserve.actors.engine.drafters import DraftRequest, ModelDrafter
 from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.actors.engine.request import make_params
 from specserve.actors.remote_drafter import RemoteDrafterPool
@@ -204,8 +208,6 @@ def test_a_long_catch_up_is_fed_while_the_verifier_steps_and_drafts_come_from_th
     """Verdicts of 7 steps sat out: beyond catch_up_wait the verifier does not wait for the draft
     that follows them (its round counts as not drafted); the drafter has fed them by the next
     step, which gets its draft. Within catch_up_wait the draft is awaited as before."""
-    from specserve.actors.engine.drafters import DraftRequest
-
     target, drafter, _ = models
     server = model_server(drafter)
     pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0,
@@ -235,12 +237,6 @@ def test_a_long_catch_up_is_fed_while_the_verifier_steps_and_drafts_come_from_th
 def test_a_wave_answers_rounds_that_feed_little_before_a_start_that_prefills_its_prompt(models):
     """A Start (a prompt to prefill) and a Verdict (one token to feed) read in one wave: the
     Verdict's draft leaves first, so the round the verifier waits for does not wait for the prefill."""
-    import asyncio
-    import threading
-
-    from specserve.actors.convert import start_pb, verdict_pb
-    from specserve.actors.draft_server import DraftWorker, _Stream
-
     _, drafter, _ = models
     worker = DraftWorker(ModelDrafter(runner(drafter, max_num_seqs=4), confidence_threshold=0.0), "v0",
                          pipelined=False)
@@ -266,9 +262,7 @@ def test_a_wave_answers_rounds_that_feed_little_before_a_start_that_prefills_its
         loop.call_soon_threadsafe(loop.stop)
 
 
-async def _queue() -> "asyncio.Queue":
-    import asyncio
-
+async def _queue() -> asyncio.Queue:
     return asyncio.Queue()
 
 
@@ -276,8 +270,6 @@ async def _queue() -> "asyncio.Queue":
 def test_a_late_draft_while_the_drafter_prefills_a_new_sequence_is_no_failed_trial(models, attach_another):
     """A draft that misses the deadline counts as a failed accept trial and a miss, unless its
     drafter is prefilling a sequence attached in the same round (whose Start it handles first)."""
-    from specserve.actors.engine.drafters import DraftRequest
-
     target, drafter, _ = models
     server = DraftServerThread(SlowDrafter(runner(drafter, max_num_seqs=8), confidence_threshold=0.0))
     pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=0.02)
