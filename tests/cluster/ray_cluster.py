@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import tempfile
 
@@ -16,10 +17,37 @@ from specserve.cluster.config import parse_config
 from specserve.cluster.faults import target_reference
 
 
+_GIVEN: set[int] = set()  # ports free_port returned in this process: never twice
+RAY_WORKER_PORTS_END = 20000  # Ray's workers listen on 10002-19999 by default: stay above
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range, not returned before.
+
+    A port the kernel hands out (bind to port 0) is ephemeral: between this check and Serve's
+    proxy binding it, any outgoing connection (Ray opens many) may be given the same port, and
+    the proxy then fails to bind. Ports below the ephemeral range are never given out that way;
+    the ones chosen here also stay above the range Ray's workers listen on.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(RAY_WORKER_PORTS_END if ephemeral_low > RAY_WORKER_PORTS_END + 1000 else 1024,
+                             ephemeral_low)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range (from {ephemeral_low})")
 
 
 def ray_test_env() -> str:
