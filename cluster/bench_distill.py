@@ -22,8 +22,9 @@ compare the same requests:
    `after_rounds` times each, so that their throughputs are compared in one stretch of time
    under the same conditions (the before windows ran at the start, on a fresher machine).
 
-Speculation drafts exactly k = 4 tokens every step (`speculation.fixed_k`, confidence stop
-off), so that every window measures the drafter the same way: acceptance is then the plain
+Speculation drafts exactly k = 4 tokens every step, all by the drafter model (`speculation.fixed_k`,
+prompt lookup off, confidence stop off), so that every window measures the drafter the same
+way: acceptance is then the plain
 per-token acceptance rate alpha. With the cost model on, the shipped drafter's acceptance on
 this workload is too low for speculation to pay, and it would mostly be switched off; with
 the confidence stop on, it drafts only the tokens it is sure of, and accepted / drafted says
@@ -70,7 +71,7 @@ def _config(port: int, store: str, concurrency: int):
         "drafter": {"num_cpus": 0.5, "replicas": 1, "host": "127.0.0.1"},
         "distill": {"enabled": True, "store_path": store, "num_cpus": 0.5},
         # every step drafts exactly FIXED_K tokens, so the windows compare drafter quality (module doc)
-        "speculation": {"fixed_k": FIXED_K, "confidence_threshold": 0.0},
+        "speculation": {"fixed_k": FIXED_K, "confidence_threshold": 0.0, "prompt_lookup": 0},
         "server": {"grpc_port": port},
     })
 

@@ -33,7 +33,7 @@ from specserve.cluster.reporting import text_table, write_report
 def _engines(budgets: list[int], branching: int, device: str) -> dict[str, SpeculativeEngine]:
     plain = build_engine(EngineSpec(demo_path("target"), "none", max_num_seqs=2, device=device))
     adaptive = build_engine(EngineSpec(demo_path("target"), "model", demo_path("drafter"), max_num_seqs=2,
-                                       device=device))
+                                       device=device, prompt_lookup=0))
     engines = {"plain": plain, "chain-adaptive": adaptive}
     drafter_runner = adaptive.drafter.runner
     for b in budgets:

@@ -30,9 +30,10 @@ def _generate(args: argparse.Namespace) -> int:
         from specserve.actors.engine.request import InvalidRequestError
         from specserve.cluster.commands import generate_remote
 
-        if args.fixed_k is not None:
-            raise InvalidRequestError("fixed_k", "applies in-process only; a server drafts as its config's "
-                                                 "speculation section says")
+        for flag in ("fixed_k", "prompt_lookup"):
+            if getattr(args, flag) is not None:
+                raise InvalidRequestError(flag, "applies in-process only; a server drafts as its config's "
+                                                "speculation section says")
 
         return generate_remote(args)
 
@@ -117,6 +118,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.0, help="drafter confidence below which drafting stops")
     p.add_argument("--fixed-k", type=int, default=None,
                    help="draft exactly this many tokens every step instead of the cost model's choice (in-process)")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="the model drafter drafts by prompt lookup where the last N tokens repeat "
+                        "(in-process; default 2, 0 = the model drafts everything)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one is fastest for the small demo models at batch 1)")

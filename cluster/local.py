@@ -9,14 +9,17 @@ from pathlib import Path
 import torch
 
 from specserve.actors.demo import demo_path
-from specserve.actors.engine.build import DRAFTER_KINDS, EngineSpec, build_engine
+from specserve.actors.engine.build import DRAFTER_KINDS, PROMPT_LOOKUP, EngineSpec, build_engine
 from specserve.actors.engine.draft_length import FIXED_K_MAX
 from specserve.actors.engine.request import GenerationResult, InvalidRequestError, make_params
 
 
 def engine_spec(target: str | None, drafter: str, k_max: int = 8, threshold: float = 0.0,
-                max_num_seqs: int = 8, max_seq_len: int = 2048, fixed_k: int | None = None) -> EngineSpec:
+                max_num_seqs: int = 8, max_seq_len: int = 2048, fixed_k: int | None = None,
+                prompt_lookup: int = PROMPT_LOOKUP) -> EngineSpec:
     """EngineSpec from CLI flags: `drafter` is a kind (model/ngram/none) or a checkpoint path."""
+    if prompt_lookup < 0:
+        raise InvalidRequestError("prompt_lookup", f"must be >= 0 (0 = off), got {prompt_lookup}")
     target_path = Path(target) if target else demo_path("target")
     if drafter in DRAFTER_KINDS:
         drafter_path = demo_path("drafter") if drafter == "model" else None
@@ -26,7 +29,7 @@ def engine_spec(target: str | None, drafter: str, k_max: int = 8, threshold: flo
         if not (drafter_path / "config.json").exists():
             raise InvalidRequestError("drafter", f"expected one of {DRAFTER_KINDS} or a checkpoint directory, got {drafter!r}")
     return EngineSpec(target_path, kind, drafter_path, max_num_seqs=max_num_seqs, max_seq_len=max_seq_len,
-                      k_max=k_max, confidence_threshold=threshold, fixed_k=fixed_k)
+                      k_max=k_max, confidence_threshold=threshold, fixed_k=fixed_k, prompt_lookup=prompt_lookup)
 
 
 def result_json(result: GenerationResult) -> dict:
@@ -61,7 +64,8 @@ def generate_local(args) -> int:
                          top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     if args.fixed_k is not None and not 1 <= args.fixed_k <= FIXED_K_MAX:
         raise InvalidRequestError("fixed_k", f"must be in [1, {FIXED_K_MAX}], got {args.fixed_k}")
-    engine = build_engine(engine_spec(args.target, args.drafter, args.k_max, args.threshold, fixed_k=args.fixed_k))
+    engine = build_engine(engine_spec(args.target, args.drafter, args.k_max, args.threshold, fixed_k=args.fixed_k,
+                                     prompt_lookup=PROMPT_LOOKUP if args.prompt_lookup is None else args.prompt_lookup))
     prompt_ids = engine.tokenizer(args.prompt)["input_ids"]
     engine.generate([prompt_ids[:8]], make_params(max_tokens=4))  # warm-up, excluded from timing
     start = time.perf_counter()

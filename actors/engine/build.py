@@ -15,6 +15,7 @@ from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.kernels.dispatch import Backend
 
 DRAFTER_KINDS = ("model", "ngram", "none")
+PROMPT_LOOKUP = 2  # the default: a repeated pair of tokens is where lookup drafts better than the demo drafter
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class EngineSpec:
     kernels: Backend = "auto"  # torch reference or Triton kernels (kernels/dispatch.py)
     lean: bool = True  # forwards of Llama-family models through LeanForward (actors/engine/lean.py)
     fixed_k: int | None = None  # draft exactly this many tokens every step (no cost model)
+    prompt_lookup: int = PROMPT_LOOKUP  # > 0: the model drafter drafts by prompt lookup where the last this many tokens repeat (0: never)
 
 
 def load_tokenizer(path: Path):
@@ -60,7 +62,7 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
         raise ValueError(f"drafter vocabulary ({runner.vocab_size}) differs from the target's ({target_vocab})")
     if spec.tree_nodes > 0:
         return TreeDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup=spec.tree_lookup)
-    return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold)
+    return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup_min_n=spec.prompt_lookup)
 
 
 def build_engine(spec: EngineSpec) -> SpeculativeEngine:

@@ -189,6 +189,7 @@ class NgramDrafter(BaseDrafter):
 # and the last draft when the whole draft was accepted. More means the drafter is catching up on
 # steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
 CATCH_UP_TOKENS = 2
+LOOKUP_MAX_N = 4  # longest suffix n-gram prompt lookup matches
 
 
 class ModelDrafter(BaseDrafter):
@@ -205,15 +206,25 @@ class ModelDrafter(BaseDrafter):
     A verdict that accepts the whole draft and emits the guessed token makes that work the
     start of the next draft; any other verdict discards it. Drafted ahead or not, a token is
     chosen by the same rule with the same random numbers, so only timing changes.
+
+    Prompt lookup (`lookup_min_n` > 0): where the sequence's last `lookup_min_n` or more tokens
+    occurred before in it, the draft is what followed them then (as the n-gram drafter drafts,
+    a point-mass q when sampling), at no model cost; the model drafts the rest. Text that
+    repeats itself (code, edits, quotes of the prompt) is drafted far better by lookup than by
+    a small model, and text that does not is left to the model. The model's cache catches up on
+    the looked-up tokens the verifier kept in its next forward.
     """
 
     name = "model"
 
-    def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16):
+    def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16,
+                 lookup_min_n: int = 0):
         super().__init__()
         self.runner = runner
         self.confidence_threshold = confidence_threshold
         self.top_m = top_m
+        self.chain_lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
+        self.lookup_drafts = 0  # drafts that came from prompt lookup
         self.ahead_hits = 0  # verdicts that confirmed pipelined work
         self.ahead_misses = 0  # verdicts that discarded it
 
@@ -236,6 +247,8 @@ class ModelDrafter(BaseDrafter):
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a cache slot and prefill all but the last prompt token (admission, not drafting)."""
         super().start(seq_id, prompt_ids, params)
+        if self.chain_lookup is not None:
+            self.chain_lookup.drop(seq_id)
         st = self.seqs[seq_id]
         st.slot = self.runner.add_sequence()
         if len(prompt_ids) > 1:
@@ -246,6 +259,8 @@ class ModelDrafter(BaseDrafter):
         st = self.seqs.get(seq_id)
         if st is not None:
             self.runner.free(st.slot)
+        if self.chain_lookup is not None:
+            self.chain_lookup.drop(seq_id)
         super().stop(seq_id)
 
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
@@ -267,7 +282,9 @@ class ModelDrafter(BaseDrafter):
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         drafts = {r.seq_id: self._from_ready(r) for r in reqs}
-        live = [r for r in reqs if r.k > 0 and not self._ready_complete(r, drafts[r.seq_id])]
+        looked_up = {r.seq_id for r in reqs if self._looked_up(r, drafts)}
+        live = [r for r in reqs if r.k > 0 and r.seq_id not in looked_up
+                and not self._ready_complete(r, drafts[r.seq_id])]
         if live:
             self._draft_rounds(live, drafts)
         for r in reqs:
@@ -286,6 +303,26 @@ class ModelDrafter(BaseDrafter):
             if st.ready.q_ids is not None:
                 draft.q_ids, draft.q_probs = st.ready.q_ids[:take], st.ready.q_probs[:take]
         return draft
+
+    def _looked_up(self, r: DraftRequest, drafts: dict[int, Draft]) -> bool:
+        """Whether this sequence's draft comes from prompt lookup (then set in `drafts`): only
+        where pipelined drafting left nothing ready and the context's suffix occurred before."""
+        if self.chain_lookup is None or r.k <= 0 or drafts[r.seq_id].tokens:
+            return False
+        st = self.seqs[r.seq_id]
+        tokens = self.chain_lookup.continuation(r.seq_id, st.context, r.k)
+        if not tokens:
+            return False
+        if st.fed > len(st.context):  # the cache holds drafts past the context: not this draft's
+            st.fed = len(st.context)
+            self.runner.truncate(st.slot, st.fed)
+        draft = Draft(tokens, requested=r.k)
+        if not st.params.greedy:
+            draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
+            draft.q_probs = torch.ones(len(tokens), 1)
+        drafts[r.seq_id] = draft
+        self.lookup_drafts += 1
+        return True
 
     def _ready_complete(self, r: DraftRequest, draft: Draft) -> bool:
         """Nothing more to draft: k reached, or the ready draft already hit the confidence stop."""

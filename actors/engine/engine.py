@@ -199,14 +199,17 @@ class SpeculativeEngine:
         if self._probing:
             self._probed(drafts)
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
+        # the cost model prices a draft token asked for: a model drafter's forward, or nothing
+        # where its drafts came from prompt lookup
+        asked = max(d.requested for d in drafts)
         remote = [d.seconds for d in drafts if d.seconds is not None]
         if any(d.catch_up for d in drafts):
             pass  # the drafter fed what it missed while speculation was off: not a draft step's cost
         elif remote:  # a remote drafter: its own drafting time, and the rest is the round trip
-            self.cost.observe_draft(forwards, max(remote))
+            self.cost.observe_draft(asked, max(remote))
             self.cost.observe_rtt(elapsed - max(remote))
         else:
-            self.cost.observe_draft(forwards, elapsed)
+            self.cost.observe_draft(asked, elapsed)
         self.timing.draft_s += elapsed
         self.timing.draft_forwards += forwards
         self.timing.draft_steps += 1

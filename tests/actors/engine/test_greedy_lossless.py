@@ -1,8 +1,9 @@
 """Greedy speculative decoding is token-identical to transformers' own greedy generate.
 
 For every family: a tiny random target and a different tiny random drafter of the same vocabulary,
-every draft length 1..8, the n-gram drafter, the target drafting for itself (every draft must be
-accepted), and continuous batching of more prompts of mixed lengths than there are cache slots.
+every draft length 1..8, the n-gram drafter, the model drafter with prompt lookup, the target
+drafting for itself (every draft must be accepted), and continuous batching of more prompts of
+mixed lengths than there are cache slots.
 """
 
 from __future__ import annotations
@@ -59,6 +60,23 @@ def test_greedy_output_with_the_ngram_drafter_equals_transformers_generate(famil
     engine = always_drafting_engine(runner(target), drafter, 4)
     assert tokens(engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))) == want
     assert max(lengths) > 0  # the repetitive prompt gives the n-gram lookup something to draft
+
+
+def test_greedy_output_with_prompt_lookup_in_the_model_drafter_equals_transformers_generate(family):
+    target, drafter_model, want = family
+    drafter = ModelDrafter(runner(drafter_model), confidence_threshold=0.0, lookup_min_n=1)
+    forwards = []  # drafter model forwards behind each draft
+    propose = drafter.propose
+
+    def counting_propose(reqs):
+        drafts = propose(reqs)
+        forwards.extend(d.forwards for d in drafts)
+        return drafts
+
+    drafter.propose = counting_propose
+    engine = always_drafting_engine(runner(target), drafter, 4)
+    assert tokens(engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))) == want
+    assert drafter.lookup_drafts > 0 and any(forwards)  # both lookup and the model drafted
 
 
 def test_continuous_batching_of_more_prompts_than_slots_equals_transformers_generate(family):

@@ -28,6 +28,7 @@ from specserve.kernels.sampling import sample_from
 from ...kernels.test_tree import walk_without_residual
 
 VOCAB, N, PROMPT = 8, 4000, [1, 5, 2]
+REPEATING = [1, 5, 2, 1, 5]  # prompt lookup drafts 2, 1, 5 at the first step
 PARAMS = dict(temperature=1.0, max_tokens=3)
 
 
@@ -48,19 +49,21 @@ def models():
     return tiny_llama(0, 2), tiny_llama(1, 1)
 
 
-def exact_marginals(target) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_marginals(target, prompt=PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
     """p(first token) and p(second token) = sum_a p(a) p(b | a), from the target itself."""
     with torch.no_grad():
-        first = torch.softmax(target(input_ids=torch.tensor([PROMPT])).logits[0, -1], -1)
-        second = sum(first[a] * torch.softmax(target(input_ids=torch.tensor([PROMPT + [a]])).logits[0, -1], -1)
+        first = torch.softmax(target(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+        second = sum(first[a] * torch.softmax(target(input_ids=torch.tensor([prompt + [a]])).logits[0, -1], -1)
                      for a in range(VOCAB))
     return first, second
 
 
-def speculative_samples(target, drafter, tree: bool = False) -> tuple[torch.Tensor, int]:
+def speculative_samples(target, drafter, tree: bool = False, lookup: int = 0,
+                        prompt=PROMPT) -> tuple[torch.Tensor, int]:
     """First two tokens of N seeded speculative requests, and the number of drafted tokens.
 
-    tree: token trees of 5 nodes, depth 3, up to 3 siblings drawn without replacement.
+    tree: token trees of 5 nodes, depth 3, up to 3 siblings drawn without replacement;
+    lookup: the model drafter's prompt lookup (point-mass q) where this many tokens repeat.
     """
     rc = RunnerConfig(max_num_seqs=256, max_seq_len=32, dtype=torch.float64, lean=True)  # chains: lean forward
     t = copy.deepcopy(target)
@@ -68,10 +71,12 @@ def speculative_samples(target, drafter, tree: bool = False) -> tuple[torch.Tens
         d = TreeDrafter(ModelRunner(copy.deepcopy(drafter), rc), branching=3)
         policy = DraftLengthConfig(k_max=3, fixed_k=3, tree_nodes=5)
     else:
-        d = ModelDrafter(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0)
+        d = ModelDrafter(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0, lookup_min_n=lookup)
         policy = DraftLengthConfig(k_max=3, fixed_k=3)
     eng = SpeculativeEngine(ModelRunner(t, rc), None, d, policy)
-    results = eng.generate([PROMPT] * N, [make_params(seed=i, **PARAMS) for i in range(N)])
+    results = eng.generate([prompt] * N, [make_params(seed=i, **PARAMS) for i in range(N)])
+    if lookup:
+        assert d.lookup_drafts >= N  # every request's first block came from prompt lookup
     return torch.tensor([r.token_ids for r in results]), sum(r.stats.drafted for r in results)
 
 
@@ -80,11 +85,12 @@ def tv(samples: torch.Tensor, exact: torch.Tensor) -> float:
     return 0.5 * float((emp - exact).abs().sum())
 
 
-@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
-def test_speculative_sampling_matches_target_distribution(models, tree):
+@pytest.mark.parametrize("tree, lookup, prompt", [(False, 0, PROMPT), (True, 0, PROMPT), (False, 1, REPEATING)],
+                         ids=["chain", "tree", "chain-with-prompt-lookup"])
+def test_speculative_sampling_matches_target_distribution(models, tree, lookup, prompt):
     target, drafter = models
-    samples, drafted = speculative_samples(target, drafter, tree)
-    first, second = exact_marginals(target)
+    samples, drafted = speculative_samples(target, drafter, tree, lookup, prompt)
+    first, second = exact_marginals(target, prompt)
     assert drafted >= 2 * N  # drafts were really proposed and verified
     assert tv(samples[:, 0], first) < tv_bound(VOCAB, N)
     assert tv(samples[:, 1], second) < tv_bound(VOCAB, N)
