@@ -71,6 +71,7 @@ class CostModel:
         self._verify_by_bucket: dict[int, dict[int, float]] = {}
         self._draft_by_bucket: dict[int, float] = {}
         self._rtt_by_bucket: dict[int, float] = {}
+        self._samples: dict[tuple, int] = {}  # measurements taken of each quantity (see _ema)
         self._bucket = 1
 
     def use_batch(self, batch: int) -> None:
@@ -98,7 +99,8 @@ class CostModel:
 
     @property
     def draft_step_s(self) -> float | None:
-        """Seconds per drafter forward at the current batch (None: never measured)."""
+        """Seconds of drafting per draft token asked for at the current batch (None: never
+        measured): a model drafter's forward, less where its drafts come from prompt lookup."""
         return self._borrowed(self._draft_by_bucket, None)
 
     @property
@@ -106,23 +108,31 @@ class CostModel:
         """Seconds a remote draft round trip adds beyond drafting, at the current batch."""
         return self._borrowed(self._rtt_by_bucket, self._rtt_default)
 
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.cfg.time_ema * (new - old)
+    def _ema(self, key: tuple, old: float | None, new: float) -> float:
+        """The mean of a quantity's first samples, then a moving average (weight time_ema).
 
-    def observe_draft(self, forwards: int, seconds: float) -> None:
-        """A drafting call of `forwards` drafter forward passes took `seconds`."""
-        if forwards > 0:
+        A plain moving average started at its first sample keeps an unlucky first measurement
+        for many steps, and the policy may never measure that size again if it looked dear
+        (on a CPU a block size's first forward pays the one-off setup of its matrix products).
+        """
+        count = self._samples.get(key, 0) + 1
+        self._samples[key] = count
+        return new if old is None else old + max(self.cfg.time_ema, 1.0 / count) * (new - old)
+
+    def observe_draft(self, tokens: int, seconds: float) -> None:
+        """A drafting call that asked for `tokens` draft tokens took `seconds`."""
+        if tokens > 0:
             b = self._bucket
-            self._draft_by_bucket[b] = self._ema(self._draft_by_bucket.get(b), seconds / forwards)
+            self._draft_by_bucket[b] = self._ema(("draft", b), self._draft_by_bucket.get(b), seconds / tokens)
 
     def observe_rtt(self, seconds: float) -> None:
         """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`."""
         b = self._bucket
-        self._rtt_by_bucket[b] = self._ema(self._rtt_by_bucket.get(b), max(0.0, seconds))
+        self._rtt_by_bucket[b] = self._ema(("rtt", b), self._rtt_by_bucket.get(b), max(0.0, seconds))
 
     def observe_verify(self, n: int, seconds: float) -> None:
         """A verification forward with blocks of `n` positions took `seconds`."""
-        self.verify_s[n] = self._ema(self.verify_s.get(n), seconds)
+        self.verify_s[n] = self._ema(("verify", self._bucket, n), self.verify_s.get(n), seconds)
 
     def knows_plain(self) -> bool:
         """Whether a step without drafts has been timed at the current batch."""

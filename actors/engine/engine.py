@@ -100,6 +100,8 @@ class SpeculativeEngine:
         self.pooled = AcceptanceTracker(policy, ema=POOLED_EMA)
         self._probe_interval = policy.probe_every  # off steps before the next probe (doubles, see below)
         self._probing = False  # this step's drafts are a probe
+        if drafter is not None:  # the cost model should time blocks, not their first-call setup
+            target.warm_up(policy.block_max + 1)
 
     # -- admission -------------------------------------------------------------------------------
 

@@ -99,6 +99,25 @@ class ModelRunner:
         """Release a finished sequence's slot for reuse."""
         self.cache.release(slot)
 
+    @torch.inference_mode()
+    def warm_up(self, max_block: int) -> None:
+        """One forward of every block size 1..max_block for one sequence (when a slot is free).
+
+        A block size's first forward pays one-off setup (on CPUs, oneDNN builds the matrix
+        products for each row count; 2-3 ms on the demo target), which a cost model measuring
+        it would take for that size's cost.
+        """
+        if self.cache.num_free == 0:
+            return
+        slot = self.add_sequence()
+        try:
+            self.forward([slot], torch.zeros(1, 1, dtype=torch.long))
+            for n in range(1, min(max_block, self.cache.capacity - 1) + 1):
+                self.forward([slot], torch.zeros(1, n, dtype=torch.long))
+                self.truncate(slot, 1)
+        finally:
+            self.free(slot)
+
     def length(self, slot: int) -> int:
         """Tokens currently cached for the sequence."""
         return self.cache.lengths[slot]

@@ -48,14 +48,27 @@ def test_expected_tokens_with_a_first_and_a_later_rate():
 # ---- the cost model -------------------------------------------------------------------------------
 
 
-def test_draft_time_is_per_forward_and_an_ema_of_the_measurements():
+def test_draft_time_is_per_token_the_mean_of_the_first_samples_then_an_ema():
     cost = CostModel(CFG)
     cost.observe_draft(4, 2.0)
     assert cost.draft_step_s == pytest.approx(0.5)
     cost.observe_draft(1, 1.5)
-    assert cost.draft_step_s == pytest.approx(0.5 + CFG.time_ema * (1.5 - 0.5))
-    cost.observe_draft(0, 99.0)  # a call that ran no forward says nothing about a forward's cost
-    assert cost.draft_step_s == pytest.approx(0.6)
+    assert cost.draft_step_s == pytest.approx(1.0)  # the mean of two samples
+    cost.observe_draft(0, 99.0)  # a call that asked for no draft says nothing about a draft's cost
+    assert cost.draft_step_s == pytest.approx(1.0)
+    n = round(1 / CFG.time_ema)
+    for _ in range(n - 2):  # n samples of 1.0 in all: the mean stays 1.0
+        cost.observe_draft(1, 1.0)
+    cost.observe_draft(1, 2.0)  # past 1 / time_ema samples: the moving average's weight
+    assert cost.draft_step_s == pytest.approx(1.0 + CFG.time_ema * (2.0 - 1.0))
+
+
+def test_an_unlucky_first_verify_time_is_averaged_away_within_a_few_steps():
+    cost = CostModel(CFG)
+    cost.observe_verify(3, 0.030)  # a block size's first forward: one-off setup
+    for _ in range(3):
+        cost.observe_verify(3, 0.010)
+    assert cost.verify_time(3) == pytest.approx(0.015)  # (30 + 3 x 10) / 4 ms
 
 
 def test_verify_time_is_interpolated_between_measured_sizes_and_flat_outside():
