@@ -35,7 +35,7 @@ class Drafter:
         spec = EngineSpec(m.target_path, m.drafter_kind, m.drafter_path, max_num_seqs=settings.max_num_seqs,
                           max_seq_len=settings.max_seq_len, dtype=DTYPES[m.dtype], device=self.device,
                           confidence_threshold=settings.confidence_threshold, tree_nodes=settings.tree_nodes,
-                          tree_lookup=settings.tree_lookup, prompt_lookup=settings.prompt_lookup,
+                          tree_lookup=settings.tree_lookup, prompt_lookup=0,  # the verifier looks up
                           kernels=settings.kernels, lean=m.lean)
         vocab = ModelRunner.vocab_size_of(m.target_path)
         self.worker = DraftWorker(build_drafter(spec, vocab), settings.weight_version, settings.max_num_seqs,

@@ -18,6 +18,11 @@ multiplexed by sequence id). A drafter can only cost speed:
 - while a drafter prefills a sequence attached less than PREFILL_GRACE_S ago, its other
   sequences' drafts may wait behind that prefill: a late one is neither a rejected draft nor a
   miss, and a timely one's wait is no sample of the round trip.
+Prompt lookup (`lookup_min_n` > 0) needs no model, so the pool does it itself: where a
+sequence's last `lookup_min_n` or more tokens occurred before in it, its draft is what followed
+them then, with no round trip, and its drafter is not asked this step. The tokens the verifier
+kept of such a draft reach the drafter as verdicts of steps it sat out (each token as a verdict
+on an empty draft), with its next request.
 Nothing a drafter does changes what the verifier emits: drafts are only ever proposals.
 """
 
@@ -32,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
+import torch
 
 from specserve.actors.convert import draft_from_pb, start_pb, stop_pb, verdict_pb
-from specserve.actors.engine.drafters import BaseDrafter, Draft, DraftRequest
+from specserve.actors.engine.drafters import LOOKUP_MAX_N, BaseDrafter, Draft, DraftRequest, PromptLookup
 from specserve.actors.engine.request import SamplingParams
 from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import drafting_pb2_grpc
@@ -95,6 +101,9 @@ class _Remote:
     link: _Link | None = None
     outstanding: int = 0  # Starts/Verdicts sent and not yet answered
     verdicts: list[tuple] = field(default_factory=list)  # not yet sent (accepted, next_token, path)
+    steps_sat_out: int = 0  # steps whose verdicts are in `verdicts`
+    looked_up: bool = False  # this step's draft came from the pool's prompt lookup (until its verdict)
+    last_looked_up: bool = False  # the last draft came from the pool's prompt lookup (for `version`)
     waiting: bool = False
     k: int = 0  # draft length asked for in the awaited round
     nodes: int = 0  # tree budget asked for in the awaited round (0: a chain)
@@ -114,11 +123,14 @@ class RemoteDrafterPool(BaseDrafter):
 
     name = "remote"
     PREFILL_GRACE_S = 1.0  # how long a drafter's prefill of a new sequence excuses its late drafts
+    LOOKUP_VERSION = "prompt-lookup"  # the drafter version reported for drafts from prompt lookup
 
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
-                 tls: TlsFiles | None = None, catch_up_wait: int = 4):
+                 tls: TlsFiles | None = None, catch_up_wait: int = 4, lookup_min_n: int = 0):
         super().__init__()
+        self.lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
+        self.lookup_drafts = 0  # drafts the pool made itself by prompt lookup
         self.endpoints = endpoints
         self.vocab_size = vocab_size
         self.deadline_s = deadline_s
@@ -141,27 +153,40 @@ class RemoteDrafterPool(BaseDrafter):
         with self._cond:
             super().start(seq_id, prompt_ids, params)
             self.remote[seq_id] = _Remote()
+            if self.lookup is not None:
+                self.lookup.drop(seq_id)
 
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         with self._cond:
+            kept = self.seqs[seq_id].last_draft[:accepted]
             super().verdict(seq_id, accepted, next_token, path)
             rs = self.remote[seq_id]
             if rs.link is not None:
-                rs.verdicts.append((accepted, next_token, path))
+                if rs.looked_up:  # the drafter never saw this draft: each kept token as a verdict on none
+                    rs.verdicts.extend((0, token, None) for token in kept + [next_token])
+                else:
+                    rs.verdicts.append((accepted, next_token, path))
+                rs.steps_sat_out += 1
+            rs.looked_up = False
 
     def stop(self, seq_id: int) -> None:
         with self._cond:
             rs = self.remote.pop(seq_id, None)
             if rs is not None and rs.link is not None:
                 rs.link.send(stop_pb(seq_id))
+            if self.lookup is not None:
+                self.lookup.drop(seq_id)
             super().stop(seq_id)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
-        """Ask each sequence's drafter for k tokens; wait for the answers until the deadline."""
+        """Ask each sequence's drafter for k tokens (unless prompt lookup drafts it); wait for
+        the answers until the deadline."""
         with self._cond:
             now = time.monotonic()
+            local = {r.seq_id: d for r in reqs if (d := self._look_up(r)) is not None}
             for r in reqs:
-                self._request(r.seq_id, r.k, r.nodes, now)
+                if r.seq_id not in local:
+                    self._request(r.seq_id, r.k, r.nodes, now)
             deadline = now + self.deadline_s
             awaited = [self.remote[r.seq_id] for r in reqs if self.remote[r.seq_id].waiting]
             prefilling = self._prefilling(now)
@@ -170,7 +195,26 @@ class RemoteDrafterPool(BaseDrafter):
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return [self._collect(r, prefilling) for r in reqs]
+            return [local.get(r.seq_id) or self._collect(r, prefilling) for r in reqs]
+
+    def _look_up(self, r: DraftRequest) -> Draft | None:
+        """The sequence's draft by prompt lookup (chains only), or None to ask its drafter."""
+        if self.lookup is None or r.k <= 0 or r.nodes > 0:
+            return None
+        st = self.seqs[r.seq_id]
+        tokens = self.lookup.continuation(r.seq_id, st.context, r.k)
+        if not tokens:
+            return None
+        rs = self.remote[r.seq_id]
+        rs.waiting, rs.result, rs.looked_up, rs.last_looked_up = False, None, True, True
+        st.last_draft = tokens
+        self.lookup_drafts += 1
+        # seconds=0: no drafter time, so the whole wait (next to nothing) counts as the round trip
+        draft = Draft(tokens, requested=r.k, seconds=0.0)
+        if not st.params.greedy:
+            draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
+            draft.q_probs = torch.ones(len(tokens), 1)
+        return draft
 
     def _prefilling(self, now: float) -> set[int]:
         """Links (by id) whose drafter is still prefilling a sequence attached less than
@@ -179,9 +223,12 @@ class RemoteDrafterPool(BaseDrafter):
                 if rs.link is not None and not rs.answered and now - rs.attached_at < self.PREFILL_GRACE_S}
 
     def version(self, seq_id: int) -> str:
-        """Weight version of the drafter whose last draft this sequence got."""
+        """Weight version of the drafter whose last draft this sequence got (LOOKUP_VERSION: the
+        pool's prompt lookup)."""
         rs = self.remote.get(seq_id)
-        return rs.version if rs else ""
+        if rs is None:
+            return ""
+        return self.LOOKUP_VERSION if rs.last_looked_up else rs.version
 
     def take_overheads(self) -> list[float]:
         """Round-trip overheads measured since the last call (for metrics)."""
@@ -211,12 +258,12 @@ class RemoteDrafterPool(BaseDrafter):
                 last = i == len(rs.verdicts) - 1
                 rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0, path, nodes if last else 0))
             rs.outstanding += len(rs.verdicts)
-            rs.catch_up = len(rs.verdicts) > 1  # verdicts of steps it sat out: fed before it drafts
+            rs.catch_up = rs.steps_sat_out > 1  # verdicts of steps it sat out: fed before it drafts
             # a long catch-up is fed while the verifier steps without this sequence's draft (its
             # round counts as not drafted, like a Start's), not while the whole batch waits;
             # seeded sampling always waits: its tokens must not depend on timing
-            long = len(rs.verdicts) > self.catch_up_wait and not self.seqs[seq_id].params.seeded_sampling
-            rs.verdicts, rs.starting, rs.waiting = [], not rs.answered, k > 0 and not long
+            long = rs.steps_sat_out > self.catch_up_wait and not self.seqs[seq_id].params.seeded_sampling
+            rs.verdicts, rs.steps_sat_out, rs.starting, rs.waiting = [], 0, not rs.answered, k > 0 and not long
         rs.sent_at = now
 
     def _attach(self, seq_id: int, rs: _Remote, k: int, nodes: int) -> None:
@@ -226,7 +273,7 @@ class RemoteDrafterPool(BaseDrafter):
             return
         st = self.seqs[seq_id]
         link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes))
-        rs.link, rs.outstanding, rs.verdicts, rs.misses, rs.answered = link, 1, [], 0, False
+        rs.link, rs.outstanding, rs.verdicts, rs.steps_sat_out, rs.misses, rs.answered = link, 1, [], 0, 0, False
         rs.attached_at = time.monotonic()
         # the first draft waits for the drafter's prefill of the whole context: the batch does
         # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
@@ -271,14 +318,14 @@ class RemoteDrafterPool(BaseDrafter):
                     self._detach(r.seq_id, rs)
         elif rs.result is not None:
             rs.misses = 0
-        rs.waiting, rs.result = False, None
+        rs.waiting, rs.result, rs.last_looked_up = False, None, False
         self.seqs[r.seq_id].last_draft = draft.tokens
         return draft
 
     def _detach(self, seq_id: int, rs: _Remote, retry_s: float | None = None) -> None:
         if rs.link is not None and not rs.link.broken:
             rs.link.send(stop_pb(seq_id))
-        rs.link, rs.outstanding, rs.verdicts = None, 0, []
+        rs.link, rs.outstanding, rs.verdicts, rs.steps_sat_out = None, 0, [], 0
         rs.retry_at = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
 
     # -- reader threads -------------------------------------------------------------------------

@@ -291,3 +291,25 @@ def test_a_late_draft_while_the_drafter_prefills_a_new_sequence_is_no_failed_tri
     finally:
         pool.close()
         server.stop()
+
+
+def test_prompt_lookup_in_the_pool_skips_the_round_trip_and_keeps_the_drafter_in_step(models):
+    # the target drafts for itself: its drafts are all accepted only if the tokens kept from the
+    # pool's own lookup drafts reached it in order
+    target, _, want = models
+    server = model_server(target)
+    with over_the_wire(target, server, lookup_min_n=1) as (engine, pool):
+        steps = []  # (draft from lookup, accepted, drafted) per verdict
+        verdict = pool.verdict
+
+        def recording_verdict(seq_id, accepted, next_token, path=None):
+            steps.append((pool.remote[seq_id].looked_up, accepted, len(pool.seqs[seq_id].last_draft)))
+            verdict(seq_id, accepted, next_token, path)
+
+        pool.verdict = recording_verdict
+        results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == want
+        model_steps = [(a, n) for looked_up, a, n in steps if not looked_up and n > 0]
+        assert pool.lookup_drafts > 0 and any(looked_up for looked_up, _, _ in steps)
+        assert model_steps and all(a == n for a, n in model_steps)
+        assert server.worker.drafts_sent > 0
