@@ -56,7 +56,7 @@ class VerifierSettings:
     draft_deadline_ms: float = 50.0
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: ask drafters for token trees of up to this many tokens
-    prompt_lookup: int = 2  # draft by prompt lookup here where the last this many tokens repeat (0: never)
+    prompt_lookup: int = 1  # draft by prompt lookup here where the last this many tokens repeat (0: never)
     kernels: str = "auto"  # kernels/dispatch.py backend
     tap: TapConfig = TapConfig()  # traffic recording for distillation (enabled: ship records to the hub)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model)

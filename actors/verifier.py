@@ -171,6 +171,7 @@ class Verifier:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "replica_id": serve.get_replica_context().replica_id.unique_id,
                 "draft_misses": self.pool.misses if self.pool else 0,
+                "lookup_drafts": self.pool.lookup_drafts if self.pool else 0,  # drafts by the pool's prompt lookup
                 "tap": None if self.tap is None else vars(self.tap.stats),
                 "cost_model": self._cost_model(),
                 "engine": dataclasses.asdict(self.scheduler.engine.timing),

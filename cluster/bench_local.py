@@ -5,7 +5,7 @@ machine noise hits every mode alike:
   plain        our engine, target only (k = 0)
   plain-modules  the same through transformers' modules (no lean forward; shows what it saves)
   model        our engine with the model drafter as it runs by default: prompt lookup where
-               the last two tokens repeat, the drafter model everywhere else
+               the last token occurred before, the drafter model everywhere else
   model-no-lookup  the same drafter model drafting every token (prompt lookup off)
   ngram        our engine with the n-gram (prompt lookup) drafter
   hf-greedy    transformers `generate`, target only (reference)

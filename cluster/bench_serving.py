@@ -178,6 +178,7 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
             after = _loads(list(VARIANTS))
             for name in VARIANTS:
                 results[level][name].engine = _timing_delta(before[name]["engine"], after[name]["engine"])
+                results[level][name].engine["lookup_drafts"] = after[name]["lookup_drafts"] - before[name]["lookup_drafts"]
                 # what the verifier's draft-length policy went by at the end of the level
                 results[level][name].engine["cost_model"] = after[name]["cost_model"]
         # median draft round-trip overhead each speculative verifier measured over the whole run
@@ -193,9 +194,9 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
 def format_table(report: dict) -> str:
     cols = ["concurrency", "variant", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length",
             "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "steps", "drafting_steps", "probes",
-            "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
+            "lookup_drafts", "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
     head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
-            "rtt50ms", "steps", "drafting", "probes", "wait", "verify_ms", "failed", "=plain"]
+            "rtt50ms", "steps", "drafting", "probes", "lookups", "wait", "verify_ms", "failed", "=plain"]
     return text_table(report["rows"], cols, head, 10)
 
 

@@ -120,7 +120,7 @@ def _add_generate(sub) -> None:
                    help="draft exactly this many tokens every step instead of the cost model's choice (in-process)")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="the model drafter drafts by prompt lookup where the last N tokens repeat "
-                        "(in-process; default 2, 0 = the model drafts everything)")
+                        "(in-process; default 1, 0 = the model drafts everything)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one is fastest for the small demo models at batch 1)")

@@ -128,10 +128,11 @@ class SpeculationConfig(Strict):
         "Longest prompt-lookup branch merged into greedy token trees: the sequence's continuation "
         "after its latest matching n-gram joins the tree where the drafter did not propose it, "
         "scored by its calibrated accept rate; 0 = none."))
-    prompt_lookup: int = Field(2, ge=0, le=8, description=(
-        "The model drafter drafts by prompt lookup where the sequence's last this many tokens (or more, "
-        "up to 4) occurred before in it: the tokens that followed them then, at no model cost; the model "
-        "drafts everywhere else. 0 = the model drafts everything."))
+    prompt_lookup: int = Field(1, ge=0, le=8, description=(
+        "Drafts by prompt lookup where the sequence's last this many tokens (or more, up to 4) occurred "
+        "before in it: the tokens that followed them then. The verifier looks them up itself, with no "
+        "round trip and no model; the drafters draft everywhere else. 0 = the drafters draft everything "
+        "(a drafter much better than the demo one may want 2-3)."))
     fixed_k: int | None = Field(None, ge=1, le=FIXED_K_MAX, description=(
         "Draft exactly this many tokens every step instead of the cost model's choice (the drafter's "
         "confidence stop still applies); for studies of drafter quality such as `bench --distill`."))

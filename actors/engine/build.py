@@ -15,7 +15,7 @@ from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.kernels.dispatch import Backend
 
 DRAFTER_KINDS = ("model", "ngram", "none")
-PROMPT_LOOKUP = 2  # the default: a repeated pair of tokens is where lookup drafts better than the demo drafter
+PROMPT_LOOKUP = 1  # the default: on the demo pair lookup after any repeated token drafts better than the drafter
 
 
 @dataclass(frozen=True)
