@@ -155,9 +155,10 @@ def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed:
 
 
 def verdict_pb(sequence_id: int, accepted: int, next_token: int, k: int, path: list[int] | None = None,
-               nodes: int = 0):
+               nodes: int = 0, then_tokens: list[int] | None = None):
     return drafting_pb2.VerifierMessage(verdict=drafting_pb2.Verdict(
-        sequence_id=sequence_id, accepted=accepted, next_token=next_token, k=k, path=path or [], tree_nodes=nodes))
+        sequence_id=sequence_id, accepted=accepted, next_token=next_token, k=k, path=path or [], tree_nodes=nodes,
+        then_tokens=then_tokens or []))
 
 
 def stop_pb(sequence_id: int):

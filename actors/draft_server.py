@@ -210,6 +210,8 @@ class DraftWorker:
                 or verdict.accepted > len(last):
             return False
         self.drafter.verdict(seq, verdict.accepted, verdict.next_token, path)
+        for token in verdict.then_tokens:  # steps it drafted nothing for
+            self.drafter.verdict(seq, 0, token)
         return True
 
     def _start(self, stream: _Stream, start) -> int | None:

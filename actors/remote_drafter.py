@@ -11,18 +11,19 @@ multiplexed by sequence id). A drafter can only cost speed:
   whole context;
 - a broken stream (replica dead or scaled away) detaches all its sequences at once and keeps
   its address out of the choice for `retry_s`;
-- a sequence whose drafter sat out more than `catch_up_wait` steps (speculation was off, e.g.
-  until a probe) sends it their verdicts without waiting for the draft that follows them: the
-  drafter feeds the missed tokens while the verifier runs its step, and drafts from the next
-  step on, instead of the whole batch waiting for that feed;
+- a sequence whose drafter missed more than `catch_up_wait` tokens (steps it drafted nothing
+  for: speculation was off, e.g. until a probe, or the pool drafted by prompt lookup) sends it
+  their verdicts without waiting for the draft that follows them: the drafter feeds the missed
+  tokens while the verifier runs its step, and drafts from the next step on, instead of the
+  whole batch waiting for that feed;
 - while a drafter prefills a sequence attached less than PREFILL_GRACE_S ago, its other
   sequences' drafts may wait behind that prefill: a late one is neither a rejected draft nor a
   miss, and a timely one's wait is no sample of the round trip.
 Prompt lookup (`lookup_min_n` > 0) needs no model, so the pool does it itself: where a
 sequence's last `lookup_min_n` or more tokens occurred before in it, its draft is what followed
 them then, with no round trip, and its drafter is not asked this step. The tokens the verifier
-kept of such a draft reach the drafter as verdicts of steps it sat out (each token as a verdict
-on an empty draft), with its next request.
+kept of such a draft reach the drafter with its next request, like those of steps without
+speculation: all of them in one Verdict (`then_tokens`).
 Nothing a drafter does changes what the verifier emits: drafts are only ever proposals.
 """
 
@@ -100,8 +101,10 @@ class _Remote:
 
     link: _Link | None = None
     outstanding: int = 0  # Starts/Verdicts sent and not yet answered
-    verdicts: list[tuple] = field(default_factory=list)  # not yet sent (accepted, next_token, path)
-    steps_sat_out: int = 0  # steps whose verdicts are in `verdicts`
+    # not yet sent: (accepted, next_token, path, then_tokens) of the drafter's last draft, and the
+    # tokens of later steps it drafted nothing for; or only those tokens (accepted = 0)
+    verdict: tuple | None = None
+    asked: bool = False  # the drafter was asked for a draft this step (its verdict is on that draft)
     looked_up: bool = False  # this step's draft came from the pool's prompt lookup (until its verdict)
     last_looked_up: bool = False  # the last draft came from the pool's prompt lookup (for `version`)
     waiting: bool = False
@@ -112,7 +115,7 @@ class _Remote:
     starting: bool = False  # the drafter may still be prefilling: misses don't count, no cost samples
     answered: bool = False  # the drafter has answered this sequence since it was (re)started
     attached_at: float = 0.0  # when its Start was sent
-    catch_up: bool = False  # the awaited draft follows verdicts of several steps (see Draft.catch_up)
+    fed_missed: bool = False  # the awaited draft follows tokens of steps it drafted nothing for (Draft.fed_missed)
     misses: int = 0
     retry_at: float = 0.0
     version: str = ""
@@ -127,7 +130,7 @@ class RemoteDrafterPool(BaseDrafter):
 
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
-                 tls: TlsFiles | None = None, catch_up_wait: int = 4, lookup_min_n: int = 0):
+                 tls: TlsFiles | None = None, catch_up_wait: int = 16, lookup_min_n: int = 0):
         super().__init__()
         self.lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
         self.lookup_drafts = 0  # drafts the pool made itself by prompt lookup
@@ -138,7 +141,7 @@ class RemoteDrafterPool(BaseDrafter):
         self.max_misses = max_misses
         self.retry_s = retry_s
         self.tls = tls
-        self.catch_up_wait = catch_up_wait  # longest catch-up (steps sat out) a draft is awaited after
+        self.catch_up_wait = catch_up_wait  # longest catch-up (tokens missed) a draft is awaited after
         self.remote: dict[int, _Remote] = {}
         self.links: dict[str, _Link] = {}
         self.bad_until: dict[str, float] = {}
@@ -162,12 +165,15 @@ class RemoteDrafterPool(BaseDrafter):
             super().verdict(seq_id, accepted, next_token, path)
             rs = self.remote[seq_id]
             if rs.link is not None:
-                if rs.looked_up:  # the drafter never saw this draft: each kept token as a verdict on none
-                    rs.verdicts.extend((0, token, None) for token in kept + [next_token])
-                else:
-                    rs.verdicts.append((accepted, next_token, path))
-                rs.steps_sat_out += 1
-            rs.looked_up = False
+                if rs.asked:  # a verdict on the drafter's own draft
+                    rs.verdict = (accepted, next_token, path, [])
+                else:  # it drafted nothing: the tokens the verifier emitted
+                    tokens = (kept if rs.looked_up else []) + [next_token]
+                    if rs.verdict is None:
+                        rs.verdict = (0, tokens[0], None, tokens[1:])
+                    else:
+                        rs.verdict[3].extend(tokens)
+            rs.asked = rs.looked_up = False
 
     def stop(self, seq_id: int) -> None:
         with self._cond:
@@ -247,23 +253,23 @@ class RemoteDrafterPool(BaseDrafter):
 
     def _request(self, seq_id: int, k: int, nodes: int, now: float) -> None:
         rs = self.remote[seq_id]
-        rs.waiting, rs.result, rs.k, rs.nodes, rs.catch_up = False, None, k, nodes, False
+        rs.waiting, rs.result, rs.k, rs.nodes, rs.fed_missed = False, None, k, nodes, False
         if rs.link is None and now >= rs.retry_at and k > 0:  # no drafter work while speculation is off
             self._attach(seq_id, rs, k, nodes)
-        elif rs.link is not None and rs.verdicts and k > 0:
-            # verdicts wait while speculation is off for the sequence: the drafter catches up
+        elif rs.link is not None and rs.verdict is not None and k > 0:
+            # tokens of steps it drafted nothing for wait in the verifier: the drafter catches up
             # in one message (and one forward) when drafts are wanted again, and costs the
             # CPUs it may share with the verifier nothing meanwhile
-            for i, (accepted, nxt, path) in enumerate(rs.verdicts):
-                last = i == len(rs.verdicts) - 1
-                rs.link.send(verdict_pb(seq_id, accepted, nxt, k if last else 0, path, nodes if last else 0))
-            rs.outstanding += len(rs.verdicts)
-            rs.catch_up = rs.steps_sat_out > 1  # verdicts of steps it sat out: fed before it drafts
+            accepted, nxt, path, then = rs.verdict
+            rs.link.send(verdict_pb(seq_id, accepted, nxt, k, path, nodes, then))
+            rs.outstanding += 1
+            rs.asked = True
+            rs.fed_missed = bool(then)  # more than a draft step feeds: fed before it drafts
             # a long catch-up is fed while the verifier steps without this sequence's draft (its
             # round counts as not drafted, like a Start's), not while the whole batch waits;
             # seeded sampling always waits: its tokens must not depend on timing
-            long = rs.steps_sat_out > self.catch_up_wait and not self.seqs[seq_id].params.seeded_sampling
-            rs.verdicts, rs.steps_sat_out, rs.starting, rs.waiting = [], 0, not rs.answered, k > 0 and not long
+            long = len(then) + 1 > self.catch_up_wait and not self.seqs[seq_id].params.seeded_sampling
+            rs.verdict, rs.starting, rs.waiting = None, not rs.answered, not long
         rs.sent_at = now
 
     def _attach(self, seq_id: int, rs: _Remote, k: int, nodes: int) -> None:
@@ -273,7 +279,7 @@ class RemoteDrafterPool(BaseDrafter):
             return
         st = self.seqs[seq_id]
         link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes))
-        rs.link, rs.outstanding, rs.verdicts, rs.steps_sat_out, rs.misses, rs.answered = link, 1, [], 0, 0, False
+        rs.link, rs.outstanding, rs.verdict, rs.misses, rs.answered, rs.asked = link, 1, None, 0, False, True
         rs.attached_at = time.monotonic()
         # the first draft waits for the drafter's prefill of the whole context: the batch does
         # not wait for it (its draft arrives late and is dropped), except for seeded sampling,
@@ -325,7 +331,7 @@ class RemoteDrafterPool(BaseDrafter):
     def _detach(self, seq_id: int, rs: _Remote, retry_s: float | None = None) -> None:
         if rs.link is not None and not rs.link.broken:
             rs.link.send(stop_pb(seq_id))
-        rs.link, rs.outstanding, rs.verdicts, rs.steps_sat_out = None, 0, [], 0
+        rs.link, rs.outstanding, rs.verdict, rs.asked = None, 0, None, False
         rs.retry_at = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
 
     # -- reader threads -------------------------------------------------------------------------
@@ -343,7 +349,7 @@ class RemoteDrafterPool(BaseDrafter):
                 sampled = not self.seqs[pb.sequence_id].params.greedy
                 rs.result = draft_from_pb(pb, rs.k, self.vocab_size, sampled, rs.nodes)
                 rs.version = pb.weight_version
-                rs.result.catch_up = rs.catch_up
+                rs.result.fed_missed = rs.fed_missed
                 if rs.starting:  # its wait includes the drafter's prefill: not a cost sample
                     rs.result.forwards, rs.result.seconds = 0, None
                 else:

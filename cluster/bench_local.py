@@ -12,7 +12,8 @@ machine noise hits every mode alike:
   hf-assisted  transformers assisted generation (`assistant_model`) with the same pair (peer)
 Efficiency is the measured speedup over plain divided by the analytic bound
 (1 - a^(k+1)) / ((1 - a)(k c + 1)) at the measured acceptance a, mean draft length k and
-cost ratio c (drafting time per draft token / one plain target step).
+cost ratio c (drafting time per draft token / one plain target step). `lookups` is the share of
+the model drafter's drafting steps whose draft came from prompt lookup.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ModeTotals:
     accepted: int = 0
     steps: int = 0
     timing: Timing = field(default_factory=Timing)  # the mode's engine timing (engine modes only)
+    lookup_drafts: int = 0  # drafts that came from the model drafter's prompt lookup
     outputs: list = field(default_factory=list)
 
 
@@ -91,6 +93,7 @@ def run_engine(engine, prompt, params, totals: ModeTotals) -> None:
     totals.accepted += res.stats.accepted
     totals.steps += res.stats.steps
     totals.timing = engine.timing  # the engine runs only this mode's prompts after the warm-up
+    totals.lookup_drafts = getattr(engine.drafter, "lookup_drafts", 0)
     totals.outputs.append(res.token_ids)
 
 
@@ -136,6 +139,8 @@ def run_bench(num_prompts: int = 8, max_tokens: int = 128, k_max: int = 8, thres
     for eng in engines.values():  # warm-up: first calls allocate and fill caches
         eng.generate([prompts[0][:16]], make_params(max_tokens=8))
         eng.timing = Timing()
+        if hasattr(eng.drafter, "lookup_drafts"):
+            eng.drafter.lookup_drafts = 0
     for i, prompt in enumerate(prompts):
         for mode in modes:
             if mode in engines:
@@ -165,7 +170,8 @@ def _rows(totals: dict[str, ModeTotals]) -> list[dict]:
             bound = analytic_bound(a, k, c)
             row.update(acceptance_rate=round(a, 4), mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3),
                        mean_draft_length=round(k, 3), cost_ratio_c=round(c, 4), analytic_bound=round(bound, 3),
-                       efficiency=round(row["speedup"] / bound, 3))
+                       efficiency=round(row["speedup"] / bound, 3),
+                       lookup_share=round(t.lookup_drafts / t.timing.draft_steps, 3) if t.timing.draft_steps else 0.0)
         rows.append(row)
     return rows
 
@@ -173,8 +179,9 @@ def _rows(totals: dict[str, ModeTotals]) -> list[dict]:
 def format_table(report: dict) -> str:
     """The rows as a fixed-width text table."""
     cols = ["mode", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length", "mean_draft_length",
-            "cost_ratio_c", "analytic_bound", "efficiency", "matches_plain"]
-    head = ["mode", "tok/s", "speedup", "accept", "mean_acc_len", "k", "c", "bound", "efficiency", "=plain"]
+            "cost_ratio_c", "analytic_bound", "efficiency", "lookup_share", "matches_plain"]
+    head = ["mode", "tok/s", "speedup", "accept", "mean_acc_len", "k", "c", "bound", "efficiency", "lookups",
+            "=plain"]
     return text_table(report["rows"], cols, head, 12)
 
 

@@ -33,6 +33,7 @@ class Draft:
     seconds: float | None = None  # drafting time measured by a remote drafter (None: local, timed by the caller)
     parents: list[int] | None = None  # a token tree: parent draft index of each token, -1 = the root (None: a chain)
     catch_up: bool = False  # the drafter fed other context before drafting (what it missed, a new prompt): no cost sample
+    fed_missed: bool = False  # a remote drafter also fed a few tokens it had missed: no draft-cost sample (a round-trip one)
 
     def tree_parents(self) -> list[int]:
         """Parent of every draft token (-1: the pending token); a chain's are i - 1."""

@@ -208,7 +208,8 @@ class SpeculativeEngine:
         if any(d.catch_up for d in drafts):
             pass  # the drafter fed what it missed while speculation was off: not a draft step's cost
         elif remote:  # a remote drafter: its own drafting time, and the rest is the round trip
-            self.cost.observe_draft(asked, max(remote))
+            if not any(d.fed_missed for d in drafts):
+                self.cost.observe_draft(asked, max(remote))
             self.cost.observe_rtt(elapsed - max(remote))
         else:
             self.cost.observe_draft(asked, elapsed)

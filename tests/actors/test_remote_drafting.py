@@ -205,9 +205,9 @@ def test_rounds_the_verifier_did_not_wait_for_do_not_count_against_acceptance(mo
 
 @pytest.mark.parametrize("catch_up_wait", [4, 100])
 def test_a_long_catch_up_is_fed_while_the_verifier_steps_and_drafts_come_from_the_next_step(models, catch_up_wait):
-    """Verdicts of 7 steps sat out: beyond catch_up_wait the verifier does not wait for the draft
-    that follows them (its round counts as not drafted); the drafter has fed them by the next
-    step, which gets its draft. Within catch_up_wait the draft is awaited as before."""
+    """7 tokens of steps sat out: beyond catch_up_wait tokens the verifier does not wait for the
+    draft that follows them (its round counts as not drafted); the drafter has fed them by the
+    next step, which gets its draft. Within catch_up_wait the draft is awaited as before."""
     target, drafter, _ = models
     server = model_server(drafter)
     pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0,

@@ -37,20 +37,22 @@ class Start(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("sequence_id", "accepted", "next_token", "k", "path", "tree_nodes")
+    __slots__ = ("sequence_id", "accepted", "next_token", "k", "path", "tree_nodes", "then_tokens")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    THEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     accepted: int
     next_token: int
     k: int
     path: _containers.RepeatedScalarFieldContainer[int]
     tree_nodes: int
-    def __init__(self, sequence_id: _Optional[int] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., k: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
+    then_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_id: _Optional[int] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., k: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ..., then_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("sequence_id",)
