@@ -36,6 +36,7 @@ class Drafter:
                           max_seq_len=settings.max_seq_len, dtype=DTYPES[m.dtype], device=self.device,
                           confidence_threshold=settings.confidence_threshold, tree_nodes=settings.tree_nodes,
                           tree_lookup=settings.tree_lookup, prompt_lookup=0,  # the verifier looks up
+                          ahead_lookup=settings.prompt_lookup,
                           kernels=settings.kernels, lean=m.lean)
         vocab = ModelRunner.vocab_size_of(m.target_path)
         self.worker = DraftWorker(build_drafter(spec, vocab), settings.weight_version, settings.max_num_seqs,

@@ -88,6 +88,7 @@ class DrafterSettings:
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: answer tree requests with token trees (the model drafter)
     tree_lookup: int = 8  # longest prompt-lookup branch merged into greedy trees (0: none)
+    prompt_lookup: int = 1  # the verifiers draft by prompt lookup where this many tokens repeat (no drafting ahead there)
     kernels: str = "auto"  # kernels/dispatch.py backend
     hot_swap: bool = False  # follow the distill hub's assigned weight version
     internal_tls: TlsFiles | None = None  # mutual TLS on the draft server

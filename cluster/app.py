@@ -44,7 +44,8 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
                               weight_version=models.base_version, threads=max(1, round(cfg.drafter.num_cpus)),
-                              tree_nodes=spec.tree_nodes, tree_lookup=spec.tree_lookup, kernels=spec.kernels,
+                              tree_nodes=spec.tree_nodes, tree_lookup=spec.tree_lookup,
+                              prompt_lookup=spec.prompt_lookup, kernels=spec.kernels,
                               hot_swap=distill.enabled,
                               internal_tls=internal)
     return verifier, drafter

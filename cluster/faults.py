@@ -363,8 +363,8 @@ def bench_config(port: int, store: str, slots: int):
         "models": {"dtype": "float64"},
         "verifier": {"num_cpus": 0.5, "max_num_seqs": slots, "max_queue": 24, "max_seq_len": 256},
         "drafter": {"num_cpus": 0.5, "replicas": 2, "max_num_seqs": 64, "host": "127.0.0.1"},
-        # every step drafts (no cost model switching speculation off): drafters are on every path
-        "speculation": {"draft_deadline_ms": 200, "fixed_k": 3},
+        # every step asks the drafters (no cost model switching speculation off, no prompt lookup)
+        "speculation": {"draft_deadline_ms": 200, "fixed_k": 3, "prompt_lookup": 0},
         "distill": {"enabled": True, "store_path": store, "min_records": 48, "steps_per_round": 4,
                     "batch_size": 8, "max_len": 64, "num_cpus": 0.5, "duty_cycle": 0.5},
         "server": {"grpc_port": port, "http_port": port + 1},

@@ -37,6 +37,7 @@ class EngineSpec:
     lean: bool = True  # forwards of Llama-family models through LeanForward (actors/engine/lean.py)
     fixed_k: int | None = None  # draft exactly this many tokens every step (no cost model)
     prompt_lookup: int = PROMPT_LOOKUP  # > 0: the model drafter drafts by prompt lookup where the last this many tokens repeat (0: never)
+    ahead_lookup: int = 0  # > 0: the verifier looks up where this many tokens repeat: no drafting ahead there
 
 
 def load_tokenizer(path: Path):
@@ -62,7 +63,8 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
         raise ValueError(f"drafter vocabulary ({runner.vocab_size}) differs from the target's ({target_vocab})")
     if spec.tree_nodes > 0:
         return TreeDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup=spec.tree_lookup)
-    return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup_min_n=spec.prompt_lookup)
+    return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup_min_n=spec.prompt_lookup,
+                        ahead_lookup=spec.ahead_lookup)
 
 
 def build_engine(spec: EngineSpec) -> SpeculativeEngine:

@@ -68,6 +68,8 @@ class SeqState:
     ahead_done: bool = False  # the confidence stop ended `ahead`
     ready: Draft | None = None  # `ahead` after a verdict that confirmed it: the next draft's start
     ready_done: bool = False
+    grams: set = field(default_factory=set)  # the context's n-grams, n = ModelDrafter.ahead_lookup
+    grams_upto: int = 0  # context positions whose n-grams are in `grams`
 
 
 class BaseDrafter:
@@ -213,14 +215,17 @@ class ModelDrafter(BaseDrafter):
     a point-mass q when sampling), at no model cost; the model drafts the rest. Text that
     repeats itself (code, edits, quotes of the prompt) is drafted far better by lookup than by
     a small model, and text that does not is left to the model. The model's cache catches up on
-    the looked-up tokens the verifier kept in its next forward.
+    the looked-up tokens the verifier kept in its next forward. `ahead_lookup` > 0: the verifier
+    drafts by prompt lookup itself where the last this many tokens repeat, so drafting ahead stops
+    after the guessed token wherever that lookup will draft the next block anyway.
     """
 
     name = "model"
 
     def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16,
-                 lookup_min_n: int = 0):
+                 lookup_min_n: int = 0, ahead_lookup: int = 0):
         super().__init__()
+        self.ahead_lookup = ahead_lookup
         self.runner = runner
         self.confidence_threshold = confidence_threshold
         self.top_m = top_m
@@ -373,9 +378,20 @@ class ModelDrafter(BaseDrafter):
         for st, future, row in zip(work, futures, logits):
             if st.guess is None:
                 st.guess, st.ahead = int(row.argmax()), Draft([])
+                st.ahead_done = self.ahead_lookup > 0 and self._lookup_follows(st)
                 continue
             position = len(future)  # == len(context after the hoped-for verdict) + drafted ahead
             st.ahead_done = not self._pick(st, row, st.ahead, position)
+
+    def _lookup_follows(self, st: SeqState) -> bool:
+        """Whether the verifier's prompt lookup will draft after the hoped-for verdict (the whole
+        last draft accepted, then the guess): its last `ahead_lookup` tokens occurred before (in
+        the context; drafts are not looked at)."""
+        n, ctx = self.ahead_lookup, st.context
+        st.grams.update(tuple(ctx[i - n : i]) for i in range(max(n, st.grams_upto), len(ctx) + 1))
+        st.grams_upto = len(ctx) + 1
+        future = ctx[-n:] + st.last_draft + [st.guess]
+        return len(future) >= n and tuple(future[-n:]) in st.grams
 
     # -- one forward and one token ----------------------------------------------------------------
 

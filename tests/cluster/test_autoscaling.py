@@ -44,7 +44,7 @@ def cluster(reference):  # the reference first: it would compete with the cluste
     # would decide on this loaded machine (with speculation off, a sequence attaches to no drafter);
     # a long draft deadline: a drafter slowed by this busy machine keeps its sequences (three late
     # drafts in a row would detach one for a second, and the load the policy sees would sag)
-    speculation = {"fixed_k": 3, "draft_deadline_ms": 1000.0}
+    speculation = {"fixed_k": 3, "prompt_lookup": 0, "draft_deadline_ms": 1000.0}
     with local_cluster(demo_config(drafter={"autoscaling": AUTOSCALING}, speculation=speculation)) as cfg:
         yield cfg
 

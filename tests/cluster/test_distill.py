@@ -50,8 +50,8 @@ def store():
 
 @pytest.fixture(scope="module")
 def cfg(store):
-    # fixed_k: the demo drafter drafts every step, so canaries are judged on live acceptance
-    return demo_config(distill={**DISTILL, "store_path": store}, speculation={"fixed_k": 3})
+    # fixed_k, no prompt lookup: the demo drafter drafts every step, so canaries are judged on live acceptance
+    return demo_config(distill={**DISTILL, "store_path": store}, speculation={"fixed_k": 3, "prompt_lookup": 0})
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ DISTILL = {"enabled": True, "min_records": 48, "steps_per_round": 4, "batch_size
 
 @pytest.fixture(scope="module")
 def cluster():
-    # fixed_k: every step drafts, so the drafters are on every request's path when they die
-    cfg = demo_config(verifier={"max_num_seqs": CLIENTS}, speculation={"fixed_k": 3},
+    # fixed_k, no prompt lookup: every step asks the drafters, so they are on every request's path when they die
+    cfg = demo_config(verifier={"max_num_seqs": CLIENTS}, speculation={"fixed_k": 3, "prompt_lookup": 0},
                       distill={**DISTILL, "store_path": tempfile.mkdtemp(prefix="specserve-test-faults-")})
     with local_cluster(cfg) as c:
         yield c

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ray import serve
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoConfig
 
@@ -24,6 +25,7 @@ from specserve.actors.engine.request import InvalidRequestError, make_params
 from specserve.actors.errors import OverloadedError, retry_metadata, status_for
 from specserve.cluster.bench_overload import drive
 from specserve.cluster.client import Client
+from specserve.cluster.config import APP_NAME
 from specserve.v1 import generation_pb2
 
 from .fuzzing import run_campaign
@@ -133,3 +135,11 @@ def test_overload_refuses_the_excess_with_a_retry_hint_and_serves_the_rest_ident
     assert totals.codes["OK"] >= 8 and totals.mismatched == 0
     assert_serves_as_before(cluster, reference)
 
+
+
+@pytest.mark.ray
+def test_the_default_config_drafts_by_prompt_lookup_in_the_verifier_and_serves_identically(cluster, reference):
+    # this module's cluster runs the default speculation settings: the verifier's own lookup drafts
+    assert_serves_as_before(cluster, reference)
+    load = serve.get_app_handle(APP_NAME).load.remote().result(timeout_s=60)
+    assert load["lookup_drafts"] > 0

@@ -75,7 +75,7 @@ def placed_config() -> SpecserveConfig:
     return demo_config(
         verifier={"num_cpus": 0.5, "num_gpus": 1, "accelerator_type": "A100", "labels": {ROLE: "verifier"}},
         drafter={"num_cpus": 0.5, "replicas": 2, "resources": {DRAFT_SLOT: 1}, "labels": {ROLE: "drafter"}},
-        speculation={"fixed_k": 3},  # every step drafts, whatever the cost model would decide here
+        speculation={"fixed_k": 3, "prompt_lookup": 0},  # every step asks the drafters, whatever the cost model would decide
     )
 
 

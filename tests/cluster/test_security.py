@@ -64,7 +64,7 @@ def cluster(pki):
                          "key_file": str(internal_key), "server_name": "specserve-drafter"},
     }
     cfg = demo_config(security=security, server={"host": "127.0.0.1"}, drafter={"replicas": 1}, verifier={"replicas": 2},
-                      speculation={"fixed_k": 4})
+                      speculation={"fixed_k": 4, "prompt_lookup": 0})
     with local_cluster(cfg) as c:
         yield c
 

@@ -39,9 +39,10 @@ LONG = 48  # tokens of the reference continuations; requests take prefixes of th
 
 @pytest.fixture(scope="module")
 def cluster():
-    # a fixed draft length: every step drafts, so the drafters take part in every request
-    # whatever the cost model would decide on this loaded machine
-    with local_cluster(demo_config(speculation={"fixed_k": 3})) as cfg:
+    # a fixed draft length and no prompt lookup: every step asks the drafters, so they take part
+    # in every request whatever the cost model would decide on this loaded machine (the default,
+    # lookup in the verifier, is served in test_hardening)
+    with local_cluster(demo_config(speculation={"fixed_k": 3, "prompt_lookup": 0})) as cfg:
         yield cfg
 
 

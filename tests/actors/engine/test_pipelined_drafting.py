@@ -8,7 +8,7 @@ import torch
 from specserve.actors.engine.drafters import DraftRequest, ModelDrafter
 from specserve.actors.engine.request import make_params
 
-from .tiny import always_drafting_engine, build_model, family_config, hf_greedy, runner
+from .tiny import VOCAB, always_drafting_engine, build_model, family_config, hf_greedy, runner
 
 PROMPT = [3, 41, 9, 88, 12]
 
@@ -77,3 +77,18 @@ def test_ahead_drafting_taken_in_part_keeps_the_cache_consistent(model):
             if o.finish_reason:
                 engine.release(seq)
     assert out == want
+
+
+@pytest.mark.parametrize("prompt, follows", [(list(range(VOCAB)), True), (PROMPT, None)], ids=["every-token", "some"])
+def test_no_drafting_ahead_past_a_point_where_the_verifiers_lookup_will_draft(model, prompt, follows):
+    # ahead_lookup = 1: the verifier drafts by lookup wherever the last token occurred before
+    d = ModelDrafter(runner(model), confidence_threshold=0.0, ahead_lookup=1)
+    d.start(0, prompt, make_params())
+    first = d.propose([DraftRequest(0, 3)])[0]
+    d.draft_ahead()  # the guessed next token
+    st = d.seqs[0]
+    assert first.tokens and st.guess is not None
+    assert st.ahead_done == (st.guess in prompt)  # the context's tokens; drafts are not looked at
+    if follows is not None:
+        assert st.ahead_done == follows  # every token occurred before: lookup always drafts
+    assert d.has_ahead_work() == (not st.ahead_done)
