@@ -125,6 +125,7 @@ class RemoteDrafterPool(BaseDrafter):
     """Drafts from drafter replicas listed by `endpoints()` (see module docstring)."""
 
     name = "remote"
+    remote = True
     PREFILL_GRACE_S = 1.0  # how long a drafter's prefill of a new sequence excuses its late drafts
     LOOKUP_VERSION = "prompt-lookup"  # the drafter version reported for drafts from prompt lookup
 
@@ -134,6 +135,7 @@ class RemoteDrafterPool(BaseDrafter):
         super().__init__()
         self.lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
         self.lookup_drafts = 0  # drafts the pool made itself by prompt lookup
+        self._local: dict[int, Draft] | None = None  # this step's lookup drafts (local_drafts), for propose
         self.endpoints = endpoints
         self.vocab_size = vocab_size
         self.deadline_s = deadline_s
@@ -184,12 +186,20 @@ class RemoteDrafterPool(BaseDrafter):
                 self.lookup.drop(seq_id)
             super().stop(seq_id)
 
+    def local_drafts(self, reqs: list[DraftRequest]) -> dict[int, Draft]:
+        """This step's prompt-lookup drafts (no round trip), by seq_id; `propose` returns them."""
+        with self._cond:
+            self._local = {r.seq_id: d for r in reqs if (d := self._look_up(r)) is not None}
+            return dict(self._local)
+
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
-        """Ask each sequence's drafter for k tokens (unless prompt lookup drafts it); wait for
-        the answers until the deadline."""
+        """Ask each sequence's drafter for k tokens (unless prompt lookup drafted it, here or in
+        `local_drafts` just before); wait for the answers until the deadline."""
         with self._cond:
             now = time.monotonic()
-            local = {r.seq_id: d for r in reqs if (d := self._look_up(r)) is not None}
+            if self._local is None:
+                self._local = {r.seq_id: d for r in reqs if (d := self._look_up(r)) is not None}
+            local, self._local = self._local, None
             for r in reqs:
                 if r.seq_id not in local:
                     self._request(r.seq_id, r.k, r.nodes, now)
@@ -215,8 +225,7 @@ class RemoteDrafterPool(BaseDrafter):
         rs.waiting, rs.result, rs.looked_up, rs.last_looked_up = False, None, True, True
         st.last_draft = tokens
         self.lookup_drafts += 1
-        # seconds=0: no drafter time, so the whole wait (next to nothing) counts as the round trip
-        draft = Draft(tokens, requested=r.k, seconds=0.0)
+        draft = Draft(tokens, requested=r.k)  # made here: no drafter time, no round trip
         if not st.params.greedy:
             draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
             draft.q_probs = torch.ones(len(tokens), 1)

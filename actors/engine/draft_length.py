@@ -70,6 +70,7 @@ class CostModel:
         self._rtt_default = rtt_s
         self._verify_by_bucket: dict[int, dict[int, float]] = {}
         self._draft_by_bucket: dict[int, float] = {}
+        self._remote_draft_by_bucket: dict[int, float] = {}  # the remote drafter's samples only
         self._rtt_by_bucket: dict[int, float] = {}
         self._samples: dict[tuple, int] = {}  # measurements taken of each quantity (see _ema)
         self._bucket = 1
@@ -104,6 +105,12 @@ class CostModel:
         return self._borrowed(self._draft_by_bucket, None)
 
     @property
+    def remote_draft_step_s(self) -> float | None:
+        """Seconds of a remote drafter's own drafting per draft token asked of it, at the current
+        batch (None: never measured); `draft_step_s` also averages in drafts made locally."""
+        return self._borrowed(self._remote_draft_by_bucket, None)
+
+    @property
     def rtt_s(self) -> float:
         """Seconds a remote draft round trip adds beyond drafting, at the current batch."""
         return self._borrowed(self._rtt_by_bucket, self._rtt_default)
@@ -119,11 +126,15 @@ class CostModel:
         self._samples[key] = count
         return new if old is None else old + max(self.cfg.time_ema, 1.0 / count) * (new - old)
 
-    def observe_draft(self, tokens: int, seconds: float) -> None:
-        """A drafting call that asked for `tokens` draft tokens took `seconds`."""
+    def observe_draft(self, tokens: int, seconds: float, remote: bool = False) -> None:
+        """A drafting call that asked for `tokens` draft tokens took `seconds` (`remote`: a remote
+        drafter's own time for its drafts)."""
         if tokens > 0:
             b = self._bucket
             self._draft_by_bucket[b] = self._ema(("draft", b), self._draft_by_bucket.get(b), seconds / tokens)
+            if remote:
+                self._remote_draft_by_bucket[b] = self._ema(("remote draft", b), self._remote_draft_by_bucket.get(b),
+                                                            seconds / tokens)
 
     def observe_rtt(self, seconds: float) -> None:
         """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`."""

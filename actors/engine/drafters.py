@@ -76,6 +76,7 @@ class BaseDrafter:
     """Bookkeeping shared by all drafters."""
 
     name = "base"
+    remote = False  # drafts come over the network (a round trip per step)
 
     def __init__(self):
         self.seqs: dict[int, SeqState] = {}
@@ -115,6 +116,11 @@ class BaseDrafter:
 
     def draft_ahead(self) -> None:
         """Spend idle time drafting past the last draft, assuming it is fully accepted."""
+
+    def local_drafts(self, reqs: list[DraftRequest]) -> dict[int, Draft]:
+        """Drafts of some of `reqs` that need no round trip, made now (by seq_id); `propose` with
+        the same sequences returns them. Drafters that run in-process: none to single out."""
+        return {}
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         raise NotImplementedError

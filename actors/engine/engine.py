@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.actors.engine.draft_length import (
-    AcceptanceTracker, CostModel, DraftLengthConfig, best_draft_length,
+    AcceptanceTracker, CostModel, DraftLengthConfig, best_draft_length, expected_tokens,
 )
 from specserve.actors.engine.drafters import BaseDrafter, Draft, DraftRequest
 from specserve.actors.engine.request import (
@@ -197,7 +197,11 @@ class SpeculativeEngine:
         if self.drafter is None or not any(ks):
             return [Draft([]) for _ in seqs]
         t0 = time.perf_counter()
-        drafts = self.drafter.propose([DraftRequest(s.seq_id, k, self._tree_nodes(s, k)) for s, k in zip(seqs, ks)])
+        reqs = [DraftRequest(s.seq_id, k, self._tree_nodes(s, k)) for s, k in zip(seqs, ks)]
+        local = self.drafter.local_drafts(reqs)
+        if local and not self._remote_pays(seqs, ks, local):
+            reqs = [r if r.seq_id in local else DraftRequest(r.seq_id, 0) for r in reqs]
+        drafts = self.drafter.propose(reqs)
         if self._probing:
             self._probed(drafts)
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
@@ -209,14 +213,34 @@ class SpeculativeEngine:
             pass  # the drafter fed what it missed while speculation was off: not a draft step's cost
         elif remote:  # a remote drafter: its own drafting time, and the rest is the round trip
             if not any(d.fed_missed for d in drafts):
-                self.cost.observe_draft(asked, max(remote))
+                self.cost.observe_draft(asked, max(remote), remote=True)
             self.cost.observe_rtt(elapsed - max(remote))
-        else:
+        elif not self.drafter.remote or all(d.tokens for d in drafts if d.requested):
+            # drafted here (a remote pool's lookups included), not a remote draft that came late
             self.cost.observe_draft(asked, elapsed)
         self.timing.draft_s += elapsed
         self.timing.draft_forwards += forwards
         self.timing.draft_steps += 1
         return drafts
+
+    def _remote_pays(self, seqs: list[Sequence], ks: list[int], local: dict[int, Draft]) -> bool:
+        """Whether the batch should wait for a remote drafter's drafts of the sequences that
+        `local` (drafts made without a round trip: prompt lookup) leaves without one.
+
+        Compares the batch's expected tokens per second with those drafts (the round trip and
+        the drafter's time on top of the verify step) and without them (those sequences take a
+        plain step inside the same verify forward)."""
+        k = max(ks)
+        rest = [s for s, n in zip(seqs, ks) if n > 0 and s.seq_id not in local]
+        if not rest or self._probing or any(s.params.seeded_sampling for s in rest):
+            return True  # a probe measures the drafter; seeded requests must not depend on timings
+        have = sum(expected_tokens(s.tracker.rates, len(local[s.seq_id].tokens)) if s.seq_id in local else 1.0
+                   for s in seqs)
+        gain = sum(expected_tokens(s.tracker.rates, k) - 1.0 for s in rest)
+        longest_local = max(len(d.tokens) for d in local.values())
+        draft_s = self.cost.remote_draft_step_s or 0.0
+        with_them = self.cost.verify_time(k + 1) + self.cost.rtt_s + k * draft_s
+        return (have + gain) / with_them > have / self.cost.verify_time(longest_local + 1)
 
     def step(self) -> list[StepOutput]:
         """Draft, verify and commit one block for every active sequence."""

@@ -13,6 +13,7 @@ from specserve.actors.convert import start_pb, verdict_pb
 from specserve.actors.draft_server import DraftWorker, _Stream
 from specserve.actors.engine.draft_length import DraftLengthConfig
 from specserve.actors.engine.drafters import DraftRequest, ModelDrafter
+from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.actors.engine.request import make_params
 from specserve.actors.remote_drafter import RemoteDrafterPool
@@ -313,3 +314,26 @@ def test_prompt_lookup_in_the_pool_skips_the_round_trip_and_keeps_the_drafter_in
         assert pool.lookup_drafts > 0 and any(looked_up for looked_up, _, _ in steps)
         assert model_steps and all(a == n for a, n in model_steps)
         assert server.worker.drafts_sent > 0
+
+
+@pytest.mark.parametrize("rtt_s, asked", [(1.0, False), (0.0, True)], ids=["dear-round-trip", "free-round-trip"])
+def test_beside_lookup_drafts_the_batch_waits_for_the_drafter_only_where_that_pays(models, rtt_s, asked):
+    # one sequence drafts by lookup (its last token occurred before), the other needs the drafter:
+    # with a 1 s round trip against 10 ms steps its drafts cannot pay, and it is not even attached
+    target, drafter, _ = models
+    server = model_server(drafter)
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
+    engine = SpeculativeEngine(runner(target), None, pool, DraftLengthConfig(k_max=2, fixed_k=2))
+    try:
+        repeating = engine.add_request([5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=8))
+        fresh = engine.add_request(list(range(20, 34)), make_params(max_tokens=8))
+        engine.cost.use_batch(2)
+        for n in range(1, 4):
+            engine.cost.observe_verify(n, 0.01)
+        engine.cost.observe_rtt(rtt_s)
+        engine.step()
+        assert pool.remote[repeating].last_looked_up and pool.remote[repeating].link is None
+        assert (pool.remote[fresh].link is not None) == asked
+    finally:
+        pool.close()
+        server.stop()

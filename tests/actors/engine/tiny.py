@@ -84,12 +84,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 class AlwaysDraftCost(CostModel):
-    """Drafting is free and verification takes constant time, so the policy drafts k_max every step.
+    """Drafting and round trips are free and verification takes constant time, so the policy
+    drafts k_max every step (and always waits for remote drafts).
 
     The real cost model measures wall time; tests that need a known draft length replace it.
     """
 
-    def observe_draft(self, forwards: int, seconds: float) -> None:
+    def observe_draft(self, tokens: int, seconds: float, remote: bool = False) -> None:
+        pass
+
+    def observe_rtt(self, seconds: float) -> None:
         pass
 
     def observe_verify(self, n: int, seconds: float) -> None:
