@@ -34,6 +34,7 @@ class DraftLengthConfig:
     probe_every: int = 32  # after this many steps without drafting, draft one token to re-measure its cost
     probe_max: int = 256  # each probe that leaves drafting off doubles the wait, up to this many steps
     tree_nodes: int = 0  # > 0: ask for token trees of up to this many drafts (depth = the chosen k); 0 = chains
+    min_gain: float = 0.05  # drafting must promise this much more than plain steps: the timings are noisy
 
     def __post_init__(self):
         if not 1 <= self.probe_every <= self.probe_max:
@@ -224,13 +225,17 @@ def best_draft_length(alpha: Rates | list[Rates], cost: CostModel, k_max: int) -
     steps). The best k is looked for over every length, though, and climbed toward: when one
     draft does not pay but several would (on a verifier where 2 and 5 positions cost about the
     same, a drafter whose later drafts are more often right than its first), the policy still
-    steps up to them.
+    steps up to them. Drafting that promises less than `min_gain` over plain steps is not
+    chosen: verify times measured on a busy machine scatter by 10-15%, and a break-even guess
+    loses as often as it wins.
     """
     if not cost.knows_plain():
         return 0  # time a step without drafts first: what drafting must beat
     alphas = alpha if isinstance(alpha, list) else [alpha]
     rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k) for k in range(k_max + 1)]
     best = max(range(k_max + 1), key=rates.__getitem__)
+    if rates[best] < rates[0] * (1.0 + cost.cfg.min_gain):
+        return 0  # within the noise of the estimates: not worth the risk of losing to plain steps
     return min(best, cost.longest_measured())
 
 

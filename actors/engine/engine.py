@@ -240,7 +240,8 @@ class SpeculativeEngine:
         longest_local = max(len(d.tokens) for d in local.values())
         draft_s = self.cost.remote_draft_step_s or 0.0
         with_them = self.cost.verify_time(k + 1) + self.cost.rtt_s + k * draft_s
-        return (have + gain) / with_them > have / self.cost.verify_time(longest_local + 1)
+        without = have / self.cost.verify_time(longest_local + 1)
+        return (have + gain) / with_them > without * (1.0 + self.policy.min_gain)  # min_gain: noisy timings
 
     def step(self) -> list[StepOutput]:
         """Draft, verify and commit one block for every active sequence."""

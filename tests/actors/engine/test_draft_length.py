@@ -376,3 +376,11 @@ def test_a_draft_that_first_feeds_the_steps_the_drafter_sat_out_is_no_cost_sampl
 def test_probe_intervals_must_be_ordered():
     with pytest.raises(ValueError, match="probe_every"):
         DraftLengthConfig(probe_every=64, probe_max=32)
+
+
+@pytest.mark.parametrize("alpha, drafts", [(0.03, False), (0.2, True)])
+def test_drafting_must_promise_more_than_the_noise_of_the_timings(alpha, drafts):
+    # one draft: a block of 2 positions at 1.0 s against a plain step at 1.0 s and no draft cost,
+    # so the step yields 1 + alpha tokens for the same time; min_gain = 5% stands between them
+    cost = measured(0.0, {1: 1.0, 2: 1.0})
+    assert (best_draft_length(alpha, cost, 1) == 1) == drafts
