@@ -34,14 +34,15 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
-import torch
 
 from specserve.actors.convert import draft_from_pb, start_pb, stop_pb, verdict_pb
-from specserve.actors.engine.drafters import LOOKUP_MAX_N, BaseDrafter, Draft, DraftRequest, PromptLookup
+from specserve.actors.engine.drafters import (
+    LOOKUP_MAX_N, BaseDrafter, Draft, DraftRequest, PromptLookup, lookup_draft,
+)
 from specserve.actors.engine.request import SamplingParams
 from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import drafting_pb2_grpc
@@ -198,7 +199,7 @@ class RemoteDrafterPool(BaseDrafter):
         with self._cond:
             now = time.monotonic()
             if self._local is None:
-                self._local = {r.seq_id: d for r in reqs if (d := self._look_up(r)) is not None}
+                self.local_drafts(reqs)
             local, self._local = self._local, None
             for r in reqs:
                 if r.seq_id not in local:
@@ -225,11 +226,7 @@ class RemoteDrafterPool(BaseDrafter):
         rs.waiting, rs.result, rs.looked_up, rs.last_looked_up = False, None, True, True
         st.last_draft = tokens
         self.lookup_drafts += 1
-        draft = Draft(tokens, requested=r.k)  # made here: no drafter time, no round trip
-        if not st.params.greedy:
-            draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
-            draft.q_probs = torch.ones(len(tokens), 1)
-        return draft
+        return lookup_draft(tokens, r.k, st.params)  # made here: no drafter time, no round trip
 
     def _prefilling(self, now: float) -> set[int]:
         """Links (by id) whose drafter is still prefilling a sequence attached less than

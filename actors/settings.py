@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from specserve.actors.demo import demo_path
+from specserve.actors.engine.draft_length import PROMPT_LOOKUP
 from specserve.actors.engine.build import DRAFTER_KINDS
 from specserve.actors.engine.tap import TapConfig
 from specserve.actors.security import TlsFiles
@@ -56,7 +57,7 @@ class VerifierSettings:
     draft_deadline_ms: float = 50.0
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: ask drafters for token trees of up to this many tokens
-    prompt_lookup: int = 1  # draft by prompt lookup here where the last this many tokens repeat (0: never)
+    prompt_lookup: int = PROMPT_LOOKUP  # draft by prompt lookup here where the last this many tokens repeat (0: never)
     kernels: str = "auto"  # kernels/dispatch.py backend
     tap: TapConfig = TapConfig()  # traffic recording for distillation (enabled: ship records to the hub)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model)
@@ -88,7 +89,7 @@ class DrafterSettings:
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: answer tree requests with token trees (the model drafter)
     tree_lookup: int = 8  # longest prompt-lookup branch merged into greedy trees (0: none)
-    prompt_lookup: int = 1  # the verifiers draft by prompt lookup where this many tokens repeat (no drafting ahead there)
+    prompt_lookup: int = PROMPT_LOOKUP  # the verifiers draft by prompt lookup where this many tokens repeat (no drafting ahead there)
     kernels: str = "auto"  # kernels/dispatch.py backend
     hot_swap: bool = False  # follow the distill hub's assigned weight version
     internal_tls: TlsFiles | None = None  # mutual TLS on the draft server

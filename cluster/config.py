@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from specserve.actors.engine.draft_length import FIXED_K_MAX
+from specserve.actors.engine.draft_length import FIXED_K_MAX, PROMPT_LOOKUP
 
 APP_NAME = "specserve"
 VERIFIER = "Verifier"
@@ -128,7 +128,7 @@ class SpeculationConfig(Strict):
         "Longest prompt-lookup branch merged into greedy token trees: the sequence's continuation "
         "after its latest matching n-gram joins the tree where the drafter did not propose it, "
         "scored by its calibrated accept rate; 0 = none."))
-    prompt_lookup: int = Field(1, ge=0, le=8, description=(
+    prompt_lookup: int = Field(PROMPT_LOOKUP, ge=0, le=8, description=(
         "Drafts by prompt lookup where the sequence's last this many tokens (or more, up to 4) occurred "
         "before in it: the tokens that followed them then. The verifier looks them up itself, with no "
         "round trip and no model; the drafters draft everywhere else. 0 = the drafters draft everything "

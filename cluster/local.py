@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from specserve.actors.demo import demo_path
-from specserve.actors.engine.build import DRAFTER_KINDS, PROMPT_LOOKUP, EngineSpec, build_engine
-from specserve.actors.engine.draft_length import FIXED_K_MAX
+from specserve.actors.engine.build import DRAFTER_KINDS, EngineSpec, build_engine
+from specserve.actors.engine.draft_length import FIXED_K_MAX, PROMPT_LOOKUP
 from specserve.actors.engine.request import GenerationResult, InvalidRequestError, make_params
 
 

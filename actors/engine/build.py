@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from specserve.actors.engine.draft_length import DraftLengthConfig
+from specserve.actors.engine.draft_length import PROMPT_LOOKUP, DraftLengthConfig
 from specserve.actors.engine.drafters import BaseDrafter, ModelDrafter, NgramDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
@@ -15,7 +15,6 @@ from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.kernels.dispatch import Backend
 
 DRAFTER_KINDS = ("model", "ngram", "none")
-PROMPT_LOOKUP = 1  # the default: on the demo pair lookup after any repeated token drafts better than the drafter
 
 
 @dataclass(frozen=True)

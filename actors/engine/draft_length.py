@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FIXED_K_MAX = 32  # the longest fixed draft length a config or the CLI may ask for
+PROMPT_LOOKUP = 1  # default: draft by prompt lookup after any repeated token (on the demo pair it beats the drafter there)
 
 
 @dataclass(frozen=True)

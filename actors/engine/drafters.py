@@ -68,8 +68,6 @@ class SeqState:
     ahead_done: bool = False  # the confidence stop ended `ahead`
     ready: Draft | None = None  # `ahead` after a verdict that confirmed it: the next draft's start
     ready_done: bool = False
-    grams: set = field(default_factory=set)  # the context's n-grams, n = ModelDrafter.ahead_lookup
-    grams_upto: int = 0  # context positions whose n-grams are in `grams`
 
 
 class BaseDrafter:
@@ -139,11 +137,9 @@ class PromptLookup:
         self._index.pop(seq_id, None)
         self._indexed.pop(seq_id, None)
 
-    def continuation(self, seq_id: int, context: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the context's longest
-        matching suffix ([] if none). `context` only grows between calls for one sequence."""
-        if k <= 0:
-            return []
+    def _index_of(self, seq_id: int, context: list[int]) -> dict[tuple, int]:
+        """The sequence's n-grams that a token followed in `context`, each with where its latest
+        occurrence ends. `context` only grows between calls for one sequence."""
         index = self._index.setdefault(seq_id, {})
         done = self._indexed.get(seq_id, 0)
         if done > len(context):  # not the context indexed so far: start over
@@ -154,10 +150,32 @@ class PromptLookup:
                 if t - n >= 0:
                     index[tuple(context[t - n : t])] = t
         self._indexed[seq_id] = len(context)
+        return index
+
+    def continuation(self, seq_id: int, context: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the context's longest
+        matching suffix ([] if none). `context` only grows between calls for one sequence."""
+        if k <= 0:
+            return []
+        index = self._index_of(seq_id, context)
         for n in range(self.max_n, self.min_n - 1, -1):
             if len(context) >= n and (pos := index.get(tuple(context[-n:]))) is not None:
                 return context[pos : pos + k]
         return []
+
+    def occurred(self, seq_id: int, context: list[int], gram: list[int]) -> bool:
+        """Whether `gram` (min_n..max_n tokens) occurs in `context`, its end included."""
+        gram = tuple(gram)
+        return gram in self._index_of(seq_id, context) or tuple(context[-len(gram):]) == gram
+
+
+def lookup_draft(tokens: list[int], requested: int, params: SamplingParams) -> Draft:
+    """A draft of looked-up tokens: deterministic, so when sampling q is a point mass on each."""
+    draft = Draft(tokens, requested=requested)
+    if not params.greedy:
+        draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
+        draft.q_probs = torch.ones(len(tokens), 1)
+    return draft
 
 
 class NgramDrafter(BaseDrafter):
@@ -186,11 +204,7 @@ class NgramDrafter(BaseDrafter):
             st = self.seqs[r.seq_id]
             tokens = self.lookup.continuation(r.seq_id, st.context, r.k)
             st.last_draft = tokens
-            draft = Draft(tokens, requested=r.k)
-            if not st.params.greedy:
-                draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
-                draft.q_probs = torch.ones(len(tokens), 1)
-            drafts.append(draft)
+            drafts.append(lookup_draft(tokens, r.k, st.params))
         return drafts
 
 
@@ -231,7 +245,8 @@ class ModelDrafter(BaseDrafter):
     def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16,
                  lookup_min_n: int = 0, ahead_lookup: int = 0):
         super().__init__()
-        self.ahead_lookup = ahead_lookup
+        # the verifier's prompt lookup, to know where drafting ahead is wasted (None: it does none)
+        self.ahead_index = PromptLookup(ahead_lookup, ahead_lookup) if ahead_lookup > 0 else None
         self.runner = runner
         self.confidence_threshold = confidence_threshold
         self.top_m = top_m
@@ -259,8 +274,9 @@ class ModelDrafter(BaseDrafter):
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a cache slot and prefill all but the last prompt token (admission, not drafting)."""
         super().start(seq_id, prompt_ids, params)
-        if self.chain_lookup is not None:
-            self.chain_lookup.drop(seq_id)
+        for index in (self.chain_lookup, self.ahead_index):
+            if index is not None:
+                index.drop(seq_id)
         st = self.seqs[seq_id]
         st.slot = self.runner.add_sequence()
         if len(prompt_ids) > 1:
@@ -271,8 +287,9 @@ class ModelDrafter(BaseDrafter):
         st = self.seqs.get(seq_id)
         if st is not None:
             self.runner.free(st.slot)
-        if self.chain_lookup is not None:
-            self.chain_lookup.drop(seq_id)
+        for index in (self.chain_lookup, self.ahead_index):
+            if index is not None:
+                index.drop(seq_id)
         super().stop(seq_id)
 
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
@@ -328,11 +345,7 @@ class ModelDrafter(BaseDrafter):
         if st.fed > len(st.context):  # the cache holds drafts past the context: not this draft's
             st.fed = len(st.context)
             self.runner.truncate(st.slot, st.fed)
-        draft = Draft(tokens, requested=r.k)
-        if not st.params.greedy:
-            draft.q_ids = torch.tensor(tokens, dtype=torch.long).view(-1, 1)
-            draft.q_probs = torch.ones(len(tokens), 1)
-        drafts[r.seq_id] = draft
+        drafts[r.seq_id] = lookup_draft(tokens, r.k, st.params)
         self.lookup_drafts += 1
         return True
 
@@ -375,29 +388,30 @@ class ModelDrafter(BaseDrafter):
 
     def draft_ahead(self) -> None:
         """One batched forward of pipelined drafting for every sequence awaiting a verdict."""
-        work = [st for st in self.seqs.values() if self._wants_ahead(st)]
+        work_ids = [seq_id for seq_id, st in self.seqs.items() if self._wants_ahead(st)]
+        work = [self.seqs[seq_id] for seq_id in work_ids]
         if not work:
             return
         futures = [st.context + st.last_draft + ([] if st.guess is None else [st.guess])
                    + (st.ahead.tokens if st.ahead else []) for st in work]
         logits = self._forward(work, [self._unfed(st, f) for f, st in zip(futures, work)])
-        for st, future, row in zip(work, futures, logits):
+        for seq_id, st, future, row in zip(work_ids, work, futures, logits):
             if st.guess is None:
                 st.guess, st.ahead = int(row.argmax()), Draft([])
-                st.ahead_done = self.ahead_lookup > 0 and self._lookup_follows(st)
+                st.ahead_done = self._lookup_follows(seq_id, st)
                 continue
             position = len(future)  # == len(context after the hoped-for verdict) + drafted ahead
             st.ahead_done = not self._pick(st, row, st.ahead, position)
 
-    def _lookup_follows(self, st: SeqState) -> bool:
+    def _lookup_follows(self, seq_id: int, st: SeqState) -> bool:
         """Whether the verifier's prompt lookup will draft after the hoped-for verdict (the whole
         last draft accepted, then the guess): its last `ahead_lookup` tokens occurred before (in
         the context; drafts are not looked at)."""
-        n, ctx = self.ahead_lookup, st.context
-        st.grams.update(tuple(ctx[i - n : i]) for i in range(max(n, st.grams_upto), len(ctx) + 1))
-        st.grams_upto = len(ctx) + 1
-        future = ctx[-n:] + st.last_draft + [st.guess]
-        return len(future) >= n and tuple(future[-n:]) in st.grams
+        if self.ahead_index is None:
+            return False
+        n = self.ahead_index.min_n
+        gram = (st.context[-n:] + st.last_draft + [st.guess])[-n:]
+        return len(gram) == n and self.ahead_index.occurred(seq_id, st.context, gram)
 
     # -- one forward and one token ----------------------------------------------------------------
 
