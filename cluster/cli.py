@@ -47,6 +47,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         args.out = args.out or "runs/bench_kernels.json"
         return bench_kernels_main(args)
+    if args.transport:  # no models: processes on loopback and small messages
+        from specserve.cluster.bench_transport import bench_transport_main
+
+        args.out = args.out or "runs/bench_transport.json"
+        return bench_transport_main(args)
     from specserve.cluster.local import set_threads
 
     if args.overload:
@@ -177,6 +182,11 @@ def _add_bench(sub) -> None:
                    help="--overload: seconds of load before the memory baseline is taken")
     p.add_argument("--kernels", action="store_true",
                    help="kernel micro-benchmarks: Triton vs the torch reference (needs a CUDA GPU)")
+    p.add_argument("--transport", action="store_true",
+                   help="one verifier<->drafter round trip on loopback: raw TCP, a bare gRPC stream, the Drafting stream")
+    p.add_argument("--round-trips", type=int, default=500, help="--transport: round trips per transport and gap")
+    p.add_argument("--gaps", default="0,8",
+                   help="--transport: idle milliseconds between round trips (a verify step), comma-separated")
     p.set_defaults(func=_bench)
 
 

@@ -101,6 +101,24 @@ def test_bench_trees_compares_trees_and_chains_at_the_same_budget(tmp_path):
     assert report["tree_vs_chain"][0]["lookup_accepted_per_step_ratio"] > 0
 
 
+def test_bench_transport_times_each_transport_at_each_gap(tmp_path):
+    out = tmp_path / "transport.json"
+    proc = specserve("bench", "--transport", "--round-trips", "20", "--gaps", "0,1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["transport"], r["gap_ms"]) for r in rows] == [
+        (t, g) for t in ("tcp", "grpc-echo", "drafting") for g in (0.0, 1.0)]
+    assert all(0 < r["rtt_p50_ms"] <= r["rtt_p90_ms"] for r in rows)
+    # the Drafting stream's overhead is its round trip less the drafter's own time
+    assert all(0 < r["overhead_p50_ms"] <= r["rtt_p90_ms"] for r in rows if r["transport"] == "drafting")
+    assert "rtt50ms" in proc.stdout
+
+
+def test_bench_transport_refuses_a_negative_gap():
+    proc = specserve("bench", "--transport", "--gaps", "0,-1")
+    assert proc.returncode != 0 and "--gaps" in proc.stderr
+
+
 def test_bench_kernels_says_it_needs_a_gpu_when_there_is_none():
     proc = specserve("bench", "--kernels")
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
