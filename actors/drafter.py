@@ -109,8 +109,12 @@ class Drafter:
         return {"sequences": float(self.worker.load)}
 
     def info(self) -> dict:
+        """Address, load and weights; drafts sent and, for pipelined drafting, the verdicts that
+        confirmed the work drafted ahead (`ahead_hits`) and those that threw it away."""
+        drafter = self.worker.drafter
         return {"address": self.address, "device": self.device, "sequences": self.worker.load,
-                "weight_version": self.worker.weight_version}
+                "weight_version": self.worker.weight_version, "drafts": self.worker.drafts_sent,
+                "ahead_hits": getattr(drafter, "ahead_hits", 0), "ahead_misses": getattr(drafter, "ahead_misses", 0)}
 
     async def check_health(self) -> None:
         if not self.worker.alive:

@@ -6,7 +6,8 @@ decoding with synchronous drafting, and with pipelined drafting. For each concur
 the variants run the same requests one after another, in a rotating order, several rounds,
 so machine noise hits them alike. Reported per variant and level: aggregate tokens/s,
 speedup over plain at the same level, acceptance, TTFT and inter-token latency percentiles,
-and the verifier's median draft round-trip overhead.
+the verifier's median draft round-trip overhead, and the drafter replica's drafts and how many
+of them pipelined drafting had ready when the verdict came (`ahead_hits`).
 """
 
 from __future__ import annotations
@@ -133,6 +134,20 @@ def _loads(apps: list[str]) -> dict[str, dict]:
     return {app: serve.get_app_handle(app).load.remote().result() for app in apps}
 
 
+def _drafter_infos(apps: list[str]) -> dict[str, dict]:
+    """Each speculative application's drafter replica's `info()` (the benchmark runs one per app)."""
+    from ray import serve
+
+    return {app: serve.get_deployment_handle("Drafter", app_name=app).info.remote().result()
+            for app in apps if VARIANTS[app].get("models", {}).get("drafter") != "none"}
+
+
+def _ahead_delta(before: dict, after: dict) -> dict:
+    """What a drafter replica did between two snapshots: drafts sent, and the verdicts that
+    confirmed (hits) or threw away (misses) work drafted ahead."""
+    return {k: after[k] - before[k] for k in ("drafts", "ahead_hits", "ahead_misses")}
+
+
 def _timing_delta(before: dict, after: dict) -> dict:
     """What the verifier's engine did between two snapshots: steps, how many asked for drafts,
     how many of those were probes, and the share of its time spent waiting for drafts."""
@@ -169,15 +184,17 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         for level in levels:
             results[level] = {n: LevelTotals() for n in VARIANTS}
             batch = [prompts[i % len(prompts)] for i in range(max(requests, level))]
-            before = _loads(list(VARIANTS))
+            before, drafters_before = _loads(list(VARIANTS)), _drafter_infos(list(VARIANTS))
             for r in range(rounds):
                 order = list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]
                 for name in order:
                     _run_level(address, name, batch, max_tokens, level, results[level][name])
                 progress(f"concurrency {level}: round {r + 1}/{rounds} done")
-            after = _loads(list(VARIANTS))
+            after, drafters_after = _loads(list(VARIANTS)), _drafter_infos(list(VARIANTS))
             for name in VARIANTS:
                 results[level][name].engine = _timing_delta(before[name]["engine"], after[name]["engine"])
+                if name in drafters_after:
+                    results[level][name].engine.update(_ahead_delta(drafters_before[name], drafters_after[name]))
                 results[level][name].engine["lookup_drafts"] = after[name]["lookup_drafts"] - before[name]["lookup_drafts"]
                 # what the verifier's draft-length policy went by at the end of the level
                 results[level][name].engine["cost_model"] = after[name]["cost_model"]
@@ -194,9 +211,10 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
 def format_table(report: dict) -> str:
     cols = ["concurrency", "variant", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length",
             "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "steps", "drafting_steps", "probes",
-            "lookup_drafts", "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
+            "lookup_drafts", "drafts", "ahead_hits", "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
     head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
-            "rtt50ms", "steps", "drafting", "probes", "lookups", "wait", "verify_ms", "failed", "=plain"]
+            "rtt50ms", "steps", "drafting", "probes", "lookups", "drafts", "ahead_hit", "wait", "verify_ms", "failed",
+            "=plain"]
     return text_table(report["rows"], cols, head, 10)
 
 
