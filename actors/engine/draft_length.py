@@ -16,9 +16,12 @@ the costs.
 
 from __future__ import annotations
 
+import collections
+import statistics
 from dataclasses import dataclass
 
 FIXED_K_MAX = 32  # the longest fixed draft length a config or the CLI may ask for
+RTT_WINDOW = 9  # round-trip samples the estimate is the median of (per batch bucket)
 PROMPT_LOOKUP = 1  # default: draft by prompt lookup after any repeated token (on the demo pair it beats the drafter there)
 
 
@@ -74,6 +77,7 @@ class CostModel:
         self._draft_by_bucket: dict[int, float] = {}
         self._remote_draft_by_bucket: dict[int, float] = {}  # the remote drafter's samples only
         self._rtt_by_bucket: dict[int, float] = {}
+        self._rtt_samples: dict[int, collections.deque] = {}  # the latest RTT_WINDOW round trips per bucket
         self._samples: dict[tuple, int] = {}  # measurements taken of each quantity (see _ema)
         self._bucket = 1
 
@@ -139,9 +143,15 @@ class CostModel:
                                                             seconds / tokens)
 
     def observe_rtt(self, seconds: float) -> None:
-        """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`."""
-        b = self._bucket
-        self._rtt_by_bucket[b] = self._ema(("rtt", b), self._rtt_by_bucket.get(b), max(0.0, seconds))
+        """A remote drafter's round trip (waiting time minus its drafting time) took `seconds`.
+
+        The estimate is the median of the bucket's last RTT_WINDOW samples: round trips on a
+        busy machine have a long tail, and one sample from its far end (tens of ms against a
+        median of two) must not price drafting out of a bucket where it is then not measured
+        again for a long while."""
+        samples = self._rtt_samples.setdefault(self._bucket, collections.deque(maxlen=RTT_WINDOW))
+        samples.append(max(0.0, seconds))
+        self._rtt_by_bucket[self._bucket] = statistics.median(samples)
 
     def observe_verify(self, n: int, seconds: float) -> None:
         """A verification forward with blocks of `n` positions took `seconds`."""

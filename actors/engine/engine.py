@@ -31,6 +31,7 @@ from specserve.kernels.tree import tree_depth, tree_mask
 from specserve.kernels.verify import verify_greedy
 
 
+PROBE_RETRIES = 8  # a probe that measured nothing is retried on the next step at most this many times in a row
 POOLED_EMA = 0.02  # decay of the pooled acceptance counts per verified block (~50 blocks of memory)
 
 
@@ -100,6 +101,7 @@ class SpeculativeEngine:
         self.pooled = AcceptanceTracker(policy, ema=POOLED_EMA)
         self._probe_interval = policy.probe_every  # off steps before the next probe (doubles, see below)
         self._probing = False  # this step's drafts are a probe
+        self._probe_retries = 0  # probes in a row that measured nothing (see _probed)
         if drafter is not None:  # the cost model should time blocks, not their first-call setup
             target.warm_up(policy.block_max + 1)
 
@@ -175,12 +177,22 @@ class SpeculativeEngine:
             ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
         return ks
 
-    def _probed(self, drafts: list[Draft]) -> None:
-        """After a probe: the next one waits twice as long (up to probe_max), unless nothing was
-        drafted at all (a remote drafter still prefilling every sequence it was just given, or
-        none reachable): that probe measured nothing, so the next step probes again."""
-        if not any(d.requested for d in drafts):
+    def _probed(self, reqs: list[DraftRequest], drafts: list[Draft], local: dict[int, Draft]) -> None:
+        """After a probe: the next one waits twice as long (up to probe_max), unless it measured
+        nothing: nothing was drafted at all (a remote drafter still prefilling every sequence
+        it was just given, or none reachable), or a remote drafter was asked and none of its
+        drafts came back as a round-trip sample (the sequences without a lookup draft were all
+        just attached, or their drafter first caught up on the steps it sat out).
+        Then the next step probes again, at most PROBE_RETRIES times in a row: otherwise the
+        round trip a probe exists to re-measure would keep its old, maybe unlucky, estimate, and
+        drafting (lookup drafts included) would stay off for the whole request."""
+        remote_asked = any(r.k > 0 and r.seq_id not in local for r in reqs)
+        timed = any(d.seconds is not None and not d.catch_up for d in drafts)  # a round-trip sample (_draft)
+        measured = any(d.requested for d in drafts) and not (self.drafter.remote and remote_asked and not timed)
+        if not measured and self._probe_retries < PROBE_RETRIES:
+            self._probe_retries += 1
             return
+        self._probe_retries = 0
         self.timing.probes += 1
         self._off_steps = 0
         self._probe_interval = min(2 * self._probe_interval, self.policy.probe_max)
@@ -203,7 +215,7 @@ class SpeculativeEngine:
             reqs = [r if r.seq_id in local else DraftRequest(r.seq_id, 0) for r in reqs]
         drafts = self.drafter.propose(reqs)
         if self._probing:
-            self._probed(drafts)
+            self._probed(reqs, drafts, local)
         elapsed, forwards = time.perf_counter() - t0, max(d.forwards for d in drafts)
         # the cost model prices a draft token asked for: a model drafter's forward, or nothing
         # where its drafts came from prompt lookup

@@ -337,3 +337,42 @@ def test_beside_lookup_drafts_the_batch_waits_for_the_drafter_only_where_that_pa
     finally:
         pool.close()
         server.stop()
+
+
+def test_a_probe_whose_remote_drafts_all_came_untimed_is_retried_until_one_measures_the_round_trip(models):
+    # drafting never pays here, so only probes draft. The repeating sequence has a lookup draft
+    # at the first probe; the other needs the drafter, and that probe first attaches it: its
+    # draft comes back untimed (the drafter was prefilling). That probe measured no round trip,
+    # so the next step probes again instead of waiting twice as long with the old estimate.
+    from specserve.actors.engine.draft_length import CostModel
+
+    class NeverPays(CostModel):
+        def step_time(self, k: int) -> float:
+            return 1.0 if k == 0 else 100.0
+
+    target, drafter, _ = models
+    server = model_server(drafter)
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
+    policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=64)
+    engine = SpeculativeEngine(runner(target), None, pool, policy)
+    engine.cost = NeverPays(policy)
+    probing: list[int] = []
+    propose = pool.propose
+
+    def recording(reqs):
+        probing.append(engine.timing.verify_steps)
+        return propose(reqs)
+
+    pool.propose = recording
+    try:
+        engine.add_request([5, 6, 7, 5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=60, ignore_eos=True))
+        engine.add_request(list(range(20, 34)), make_params(max_tokens=60, ignore_eos=True))
+        for _ in range(40):
+            engine.step()
+        # the first probe only attached the second sequence: probed again on the next step (it
+        # counted, and the next probe came 8 steps later, when the first sequence's lookup drafted)
+        assert probing[:2] == [3, 4]
+        assert engine.timing.probes >= 1 and len(probing) < 20  # probes that measured back off
+    finally:
+        pool.close()
+        server.stop()

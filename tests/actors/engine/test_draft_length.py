@@ -207,6 +207,24 @@ def test_draft_and_round_trip_times_are_kept_per_batch_and_borrowed_from_a_small
     assert cost.draft_step_s == pytest.approx(0.001) and cost.rtt_s == pytest.approx(0.003)
 
 
+def test_one_slow_round_trip_does_not_price_drafting_out_but_a_lasting_change_does():
+    from specserve.actors.engine.draft_length import RTT_WINDOW
+
+    cost = measured(0.001, {1: 0.010, 3: 0.012})
+    cost.observe_rtt(0.030)  # the bucket's first sample is from the far end of the tail
+    assert cost.rtt_s == pytest.approx(0.030) and best_draft_length(0.8, cost, 2) == 0
+    cost.observe_rtt(0.002)
+    cost.observe_rtt(0.002)
+    assert cost.rtt_s == pytest.approx(0.002) and best_draft_length(0.8, cost, 2) == 2
+    for _ in range(RTT_WINDOW - 3):
+        cost.observe_rtt(0.002)
+    for _ in range(RTT_WINDOW // 2):
+        cost.observe_rtt(0.030)
+    assert cost.rtt_s == pytest.approx(0.002)  # slow in less than half of the window
+    cost.observe_rtt(0.030)
+    assert cost.rtt_s == pytest.approx(0.030)  # the round trip really got slower
+
+
 def test_blocks_grow_one_size_at_a_time_past_the_longest_timed_block():
     cost = measured(0.0001, {1: 1.0})  # drafting looks free: the policy would take k_max at once
     assert best_draft_length(0.9, cost, 8) == 1
