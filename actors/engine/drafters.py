@@ -68,6 +68,7 @@ class SeqState:
     ahead_done: bool = False  # the confidence stop ended `ahead`
     ready: Draft | None = None  # `ahead` after a verdict that confirmed it: the next draft's start
     ready_done: bool = False
+    ahead_ok: bool = True  # drafting ahead of the last draft is allowed (ModelDrafter's hit-rate gate)
 
 
 class BaseDrafter:
@@ -211,6 +212,9 @@ class NgramDrafter(BaseDrafter):
 # A draft's first forward normally feeds the verdict's tokens the cache lacks: the emitted token,
 # and the last draft when the whole draft was accepted. More means the drafter is catching up on
 # steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
+AHEAD_MIN_HIT_RATE = 0.1  # below this share of verdicts confirming it, drafting ahead is explored only
+AHEAD_EXPLORE_EVERY = 16  # ... on one draft in this many (to notice when it starts paying)
+AHEAD_EMA = 0.05  # decay of the hit counts per verdict on work drafted ahead (~20 verdicts of memory)
 CATCH_UP_TOKENS = 2
 LOOKUP_MAX_N = 4  # longest suffix n-gram prompt lookup matches
 
@@ -237,14 +241,22 @@ class ModelDrafter(BaseDrafter):
     a small model, and text that does not is left to the model. The model's cache catches up on
     the looked-up tokens the verifier kept in its next forward. `ahead_lookup` > 0: the verifier
     drafts by prompt lookup itself where the last this many tokens repeat, so drafting ahead stops
-    after the guessed token wherever that lookup will draft the next block anyway.
+    after the guessed token wherever that lookup will draft the next block anyway. Drafting
+    ahead pays only where verdicts confirm it often enough: below `ahead_min_hit_rate` of the
+    recent verdicts on such work (a full batch of sequences whose drafts are rarely accepted
+    whole), it runs after one draft in AHEAD_EXPLORE_EVERY only, and otherwise leaves the CPU to
+    the verifier it may share it with.
     """
 
     name = "model"
 
     def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16,
-                 lookup_min_n: int = 0, ahead_lookup: int = 0):
+                 lookup_min_n: int = 0, ahead_lookup: int = 0, ahead_min_hit_rate: float = AHEAD_MIN_HIT_RATE):
         super().__init__()
+        self.ahead_min_hit_rate = ahead_min_hit_rate
+        # verdicts on work drafted ahead that confirmed it, decayed (a prior of one hit in one trial)
+        self._ahead_rate_hits, self._ahead_rate_trials = 1.0, 1.0
+        self._drafts_sent = 0
         # the verifier's prompt lookup, to know where drafting ahead is wasted (None: it does none)
         self.ahead_index = PromptLookup(ahead_lookup, ahead_lookup) if ahead_lookup > 0 else None
         self.runner = runner
@@ -297,6 +309,10 @@ class ModelDrafter(BaseDrafter):
         base = len(st.context)
         hit = st.guess == next_token and accepted == len(st.last_draft)
         super().verdict(seq_id, accepted, next_token, path)
+        if st.guess is not None:  # work was drafted ahead of this verdict
+            keep = 1.0 - AHEAD_EMA
+            self._ahead_rate_hits = keep * self._ahead_rate_hits + (hit and st.ahead is not None)
+            self._ahead_rate_trials = keep * self._ahead_rate_trials + 1.0
         if hit and st.ahead is not None:
             # the cache holds context + ahead drafts, all still valid: keep them
             st.ready, st.ready_done = st.ahead, st.ahead_done
@@ -320,6 +336,9 @@ class ModelDrafter(BaseDrafter):
             st = self.seqs[r.seq_id]
             st.last_draft, st.awaiting, st.last_k = drafts[r.seq_id].tokens, True, r.k
             st.ready = None
+            self._drafts_sent += 1
+            st.ahead_ok = self.ahead_hit_rate >= self.ahead_min_hit_rate \
+                or self._drafts_sent % AHEAD_EXPLORE_EVERY == 0
         return [drafts[r.seq_id] for r in reqs]
 
     def _from_ready(self, r: DraftRequest) -> Draft:
@@ -378,8 +397,13 @@ class ModelDrafter(BaseDrafter):
 
     # -- pipelined drafting ----------------------------------------------------------------------
 
+    @property
+    def ahead_hit_rate(self) -> float:
+        """The recent share of verdicts on work drafted ahead that confirmed it."""
+        return self._ahead_rate_hits / self._ahead_rate_trials
+
     def _wants_ahead(self, st: SeqState) -> bool:
-        if not st.awaiting or st.last_k == 0 or st.ahead_done:
+        if not st.awaiting or st.last_k == 0 or st.ahead_done or not st.ahead_ok:
             return False
         return st.guess is None or len(st.ahead.tokens) < st.last_k  # guess and ahead are set together
 

@@ -92,3 +92,36 @@ def test_no_drafting_ahead_past_a_point_where_the_verifiers_lookup_will_draft(mo
     if follows is not None:
         assert st.ahead_done == follows  # every token occurred before: lookup always drafts
     assert d.has_ahead_work() == (not st.ahead_done)
+
+
+def test_drafting_ahead_that_verdicts_rarely_confirm_is_only_explored_now_and_then(model):
+    from specserve.actors.engine.drafters import AHEAD_EXPLORE_EVERY
+
+    drafter = ModelDrafter(runner(model), confidence_threshold=0.0, ahead_min_hit_rate=0.5)
+    drafter.start(0, PROMPT, make_params())
+    worked_ahead = []
+    for _ in range(4 * AHEAD_EXPLORE_EVERY):
+        drafter.propose([DraftRequest(0, 2)])
+        worked_ahead.append(drafter.has_ahead_work())
+        while drafter.has_ahead_work():
+            drafter.draft_ahead()
+        st = drafter.seqs[0]
+        wrong = None if st.guess is None else (st.guess + 1) % VOCAB
+        drafter.verdict(0, 0, 7 if wrong is None else wrong)  # never the guessed token: every trial a miss
+    assert drafter.ahead_hit_rate < 0.5
+    first_off = worked_ahead.index(False)
+    assert 0 < first_off < AHEAD_EXPLORE_EVERY  # a few misses turn it off ...
+    later = worked_ahead[first_off:]
+    assert 0 < sum(later) <= len(later) // AHEAD_EXPLORE_EVERY + 1  # ... but for one draft in 16
+
+
+def test_drafting_ahead_that_verdicts_confirm_stays_on(model):
+    drafter = ModelDrafter(runner(model), confidence_threshold=0.0, ahead_min_hit_rate=0.5)
+    drafter.start(0, PROMPT, make_params())
+    for _ in range(40):
+        draft = drafter.propose([DraftRequest(0, 2)])[0]
+        assert drafter.has_ahead_work()
+        while drafter.has_ahead_work():
+            drafter.draft_ahead()
+        drafter.verdict(0, len(draft.tokens), drafter.seqs[0].guess)  # the whole draft, then the guess
+    assert drafter.ahead_hits >= 39 and drafter.ahead_hit_rate > 0.9
