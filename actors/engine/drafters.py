@@ -209,12 +209,13 @@ class NgramDrafter(BaseDrafter):
         return drafts
 
 
-# A draft's first forward normally feeds the verdict's tokens the cache lacks: the emitted token,
-# and the last draft when the whole draft was accepted. More means the drafter is catching up on
-# steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
 AHEAD_MIN_HIT_RATE = 0.1  # below this share of verdicts confirming it, drafting ahead is explored only
 AHEAD_EXPLORE_EVERY = 16  # ... on one draft in this many (to notice when it starts paying)
 AHEAD_EMA = 0.05  # decay of the hit counts per verdict on work drafted ahead (~20 verdicts of memory)
+
+# A draft's first forward normally feeds the verdict's tokens the cache lacks: the emitted token,
+# and the last draft when the whole draft was accepted. More means the drafter is catching up on
+# steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
 CATCH_UP_TOKENS = 2
 LOOKUP_MAX_N = 4  # longest suffix n-gram prompt lookup matches
 
@@ -311,7 +312,7 @@ class ModelDrafter(BaseDrafter):
         super().verdict(seq_id, accepted, next_token, path)
         if st.guess is not None:  # work was drafted ahead of this verdict
             keep = 1.0 - AHEAD_EMA
-            self._ahead_rate_hits = keep * self._ahead_rate_hits + (hit and st.ahead is not None)
+            self._ahead_rate_hits = keep * self._ahead_rate_hits + float(hit and st.ahead is not None)
             self._ahead_rate_trials = keep * self._ahead_rate_trials + 1.0
         if hit and st.ahead is not None:
             # the cache holds context + ahead drafts, all still valid: keep them
