@@ -33,7 +33,7 @@ import psutil  # noqa: E402
 
 from specserve.cluster.client import Client, retry_after_s
 from specserve.cluster.faults import target_reference
-from specserve.cluster.reporting import text_table, write_report
+from specserve.cluster.reporting import percentile, text_table, write_report
 
 SLOTS = 8  # batch slots, and as many queue places: capacity 16 requests
 PAUSE_S = 0.05
@@ -200,7 +200,8 @@ def serves_as_before(address: str, reference: dict[str, list[int]], max_tokens: 
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    return None if not values else round(1000 * sorted(values)[min(len(values) - 1, int(q * len(values)))], 1)
+    """Quantile q of latencies in seconds, as milliseconds to 0.1 (None when empty)."""
+    return None if not values else round(1000 * percentile(values, q), 1)
 
 
 def run_bench_overload(port: int, clients: int, duration_s: float, warmup_s: float, max_tokens: int,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from specserve.cluster.reporting import text_table, write_report
+from specserve.cluster.reporting import percentile, text_table, write_report
 from specserve.cluster.client import Client, Reply
 
 VARIANTS = {
@@ -93,13 +93,6 @@ def _run_level(address: str, app: str, prompts: list[list[int]], max_tokens: int
         totals.outputs.append(r.token_ids)
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def _rows(results: dict, overheads: dict) -> list[dict]:
     rows = []
     for level, by_variant in results.items():
@@ -109,8 +102,8 @@ def _rows(results: dict, overheads: dict) -> list[dict]:
             tps = t.tokens / t.seconds if t.seconds else 0.0
             row = {"variant": name, "concurrency": level, "requests": len(t.outputs), "failed": t.failed,
                    "tokens_per_s": round(tps, 2), "speedup": round(tps / plain_tps, 3) if plain_tps else None,
-                   "ttft_p50_ms": _ms(_pct(t.ttft, 0.5)), "ttft_p90_ms": _ms(_pct(t.ttft, 0.9)),
-                   "itl_p50_ms": _ms(_pct(t.itl, 0.5)), "itl_p90_ms": _ms(_pct(t.itl, 0.9)),
+                   "ttft_p50_ms": _ms(percentile(t.ttft, 0.5)), "ttft_p90_ms": _ms(percentile(t.ttft, 0.9)),
+                   "itl_p50_ms": _ms(percentile(t.itl, 0.5)), "itl_p90_ms": _ms(percentile(t.itl, 0.9)),
                    "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / max(len(plain.outputs), 1),
                    "ttft_ms": [_ms(x) for x in t.ttft], "itl_ms": [_ms(x) for x in t.itl]}  # for distributions
             if t.drafted:

@@ -26,7 +26,7 @@ import time
 
 import grpc
 
-from specserve.cluster.reporting import text_table, write_report
+from specserve.cluster.reporting import percentile, text_table, write_report
 
 MESSAGE = 48  # bytes of the echoed message: about a draft of 4 tokens
 TRANSPORTS = ("tcp", "grpc-echo", "drafting")
@@ -159,11 +159,6 @@ def _measure(client, rounds: int, gap_s: float) -> list[float]:
     return times
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def run_bench_transport(rounds: int, gaps_ms: list[float], progress=print) -> dict:
     """Every transport at every gap; servers are started and stopped here."""
     rows = []
@@ -179,7 +174,7 @@ def run_bench_transport(rounds: int, gaps_ms: list[float], progress=print) -> di
                     times = _measure(client, rounds, gap / 1000)
                     row = {"transport": transport, "gap_ms": gap, "rounds": rounds,
                            "rtt_p50_ms": round(1000 * statistics.median(times), 3),
-                           "rtt_p90_ms": round(1000 * _pct(times, 0.9), 3)}
+                           "rtt_p90_ms": round(1000 * percentile(times, 0.9), 3)}
                     if isinstance(client, _Drafting):
                         row["overhead_p50_ms"] = round(1000 * statistics.median(client.pool.overheads), 3)
                     rows.append(row)

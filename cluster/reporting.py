@@ -20,6 +20,14 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The value at quantile q of `values` (nearest rank from below; None when empty)."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
 def write_report(report: dict, table: str, out: str) -> None:
     """Print the table and write the report as JSON."""
     print(table)

@@ -308,13 +308,14 @@ class ModelDrafter(BaseDrafter):
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         st = self.seqs[seq_id]
         base = len(st.context)
-        hit = st.guess == next_token and accepted == len(st.last_draft)
+        # the whole draft accepted and the guessed token emitted: the work drafted ahead holds
+        hit = st.guess == next_token and accepted == len(st.last_draft) and st.ahead is not None
         super().verdict(seq_id, accepted, next_token, path)
         if st.guess is not None:  # work was drafted ahead of this verdict
             keep = 1.0 - AHEAD_EMA
-            self._ahead_rate_hits = keep * self._ahead_rate_hits + float(hit and st.ahead is not None)
+            self._ahead_rate_hits = keep * self._ahead_rate_hits + float(hit)
             self._ahead_rate_trials = keep * self._ahead_rate_trials + 1.0
-        if hit and st.ahead is not None:
+        if hit:
             # the cache holds context + ahead drafts, all still valid: keep them
             st.ready, st.ready_done = st.ahead, st.ahead_done
             self.ahead_hits += 1
