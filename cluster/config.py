@@ -22,10 +22,11 @@ VERIFIER = "Verifier"
 DRAFTER = "Drafter"
 DEFAULT_GRPC_PORT = 50051
 SERVICER_FUNCTIONS = [
-    # the generated add_GenerationServicer_to_server, except that bytes which do not parse as a
-    # GenerateRequest are INVALID_ARGUMENT naming the field instead of gRPC's UNKNOWN
-    "specserve.actors.convert.add_generation_servicer",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    # Generation and the health check on Serve's gRPC proxy, routed to this application when a
+    # call names none (cluster/grpc_ingress.py); bytes that do not parse as a GenerateRequest
+    # are INVALID_ARGUMENT naming the field instead of gRPC's UNKNOWN
+    "specserve.cluster.grpc_ingress.add_generation_to_proxy",
+    "specserve.cluster.grpc_ingress.add_health_to_proxy",
 ]
 
 
@@ -311,7 +312,8 @@ class SpecserveConfig(Strict):
         """A Ray Serve config (ServeDeploySchema) deploying this configuration.
 
         Several specserve applications can share a cluster (the benchmark compares variants
-        side by side); gRPC clients pick one with the `application` metadata key. With
+        side by side); gRPC clients pick one with the `application` metadata key (a call without
+        it goes to the one named APP_NAME, see cluster/grpc_ingress.py). With
         security.tls the verifiers serve the client port themselves and Serve's gRPC proxy,
         which cannot do TLS, is left off (no servicer functions): nothing plaintext listens.
         """

@@ -34,14 +34,20 @@ def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None,
            applications: list[dict] | None = None) -> None:
     """Deploy (or update) the application (or several, see to_serve_config) and wait until running."""
     serve_config = cfg.to_serve_config(applications)
-    serve.start(http_options=serve_config["http_options"], grpc_options=serve_config["grpc_options"],
-                proxy_location=serve_config["proxy_location"])
+    start_serve(serve_config)
     get_registry()  # before the drafters, so their first heartbeat finds it
     if cfg.distill.enabled:
         start_distillation(cfg)  # the hub first: drafters ask it for their weight version on start
     _client().deploy_apps(ServeDeploySchema.model_validate(serve_config))
     for app in serve_config["applications"]:
         wait_running(timeout_s, progress, app["name"])
+
+
+def start_serve(serve_config: dict) -> None:
+    """Start Serve and its proxies (HTTP, and gRPC on the client port) with `serve_config`'s
+    options; nothing is deployed yet (a no-op where Serve already runs)."""
+    serve.start(http_options=serve_config["http_options"], grpc_options=serve_config["grpc_options"],
+                proxy_location=serve_config["proxy_location"])
 
 
 def start_distillation(cfg: SpecserveConfig) -> None:

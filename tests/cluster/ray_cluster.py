@@ -76,8 +76,10 @@ def channel(cfg) -> grpc.Channel:
 
 
 @contextlib.contextmanager
-def local_cluster(cfg, num_cpus: int = 4):
-    """A local Ray cluster (own temp dir, no token auth) with `cfg` deployed; torn down after."""
+def local_cluster(cfg, num_cpus: int = 4, applications: list[dict] | None = None, before_deploy=None):
+    """A local Ray cluster (own temp dir, no token auth) with `cfg` deployed (or `applications`,
+    see SpecserveConfig.to_serve_config); torn down after. `before_deploy()` runs once Serve
+    and its proxies are up, before any application is deployed."""
     try:
         serving.connect(None, num_cpus=num_cpus, temp_dir=ray_test_env())
     except Exception as e:
@@ -88,7 +90,10 @@ def local_cluster(cfg, num_cpus: int = 4):
         ray.shutdown()
         serving.connect(None, num_cpus=num_cpus, temp_dir=ray_test_env())
     try:
-        serving.deploy(cfg, timeout_s=300)
+        if before_deploy is not None:
+            serving.start_serve(cfg.to_serve_config())
+            before_deploy()
+        serving.deploy(cfg, timeout_s=300, applications=applications)
         yield cfg
     finally:
         # the local cluster goes down with its processes: no graceful drain of Serve first,
