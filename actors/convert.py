@@ -8,6 +8,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from specserve.actors.engine.chat import render_chat
 from specserve.actors.engine.drafters import Draft
 from specserve.actors.engine.request import InvalidRequestError, SamplingParams, SpecStats, make_params
 from specserve.v1 import drafting_pb2, generation_pb2
@@ -113,7 +114,7 @@ def params_from_pb(req: generation_pb2.GenerateRequest) -> SamplingParams:
 
 
 def prompt_from_pb(req: generation_pb2.GenerateRequest | UndecodableRequest, tokenizer) -> list[int]:
-    """Prompt token ids: the given ids, or the tokenized text. Exactly one must be set.
+    """Prompt token ids: the given ids, the tokenized text or the rendered chat (exactly one).
 
     Checks the request as a whole first (it parsed; its request_id is not too long), since the
     handler calls this before anything else.
@@ -122,11 +123,12 @@ def prompt_from_pb(req: generation_pb2.GenerateRequest | UndecodableRequest, tok
         raise InvalidRequestError(req.field, req.reason)
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
-    has_text, has_ids = bool(req.prompt), bool(req.prompt_token_ids)
-    if has_text == has_ids:
-        raise InvalidRequestError("prompt", "set exactly one of prompt and prompt_token_ids")
-    if has_ids:
+    if (bool(req.prompt) + bool(req.prompt_token_ids) + bool(req.messages)) != 1:
+        raise InvalidRequestError("prompt", "set exactly one of prompt, prompt_token_ids and messages")
+    if req.prompt_token_ids:
         return list(req.prompt_token_ids)
+    if req.messages:
+        return render_chat(tokenizer, [{"role": m.role, "content": m.content} for m in req.messages])
     if len(req.prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequestError("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
     if tokenizer is None:

@@ -100,7 +100,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with speculative decoding (in-process or --server)")
-    p.add_argument("prompt", help="prompt text")
+    p.add_argument("prompt", help="prompt text (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message, rendered with the checkpoint's chat template")
+    p.add_argument("--system", default=None, help="--chat: a system message before the user's")
     p.add_argument("--server", default=None, help="host:port of a running specserve server (default: in-process)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of a --server call, seconds")
     p.add_argument("--tls-ca", default=None, help="--server: PEM CA that signed the server's certificate (TLS)")

@@ -114,10 +114,12 @@ def finish_name(reason: int) -> str:
 
 
 def request_pb(prompt: str | None = None, prompt_token_ids: list[int] | None = None, request_id: str = "",
-               **params) -> generation_pb2.GenerateRequest:
-    """A GenerateRequest; params are the proto's field names (max_tokens, temperature, ...)."""
+               messages: list[dict] | None = None, **params) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest; params are the proto's field names (max_tokens, temperature, ...);
+    messages are chat messages, {"role": ..., "content": ...} each."""
+    chat = [generation_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages or []]
     return generation_pb2.GenerateRequest(request_id=request_id, prompt=prompt or "",
-                                          prompt_token_ids=prompt_token_ids or [],
+                                          prompt_token_ids=prompt_token_ids or [], messages=chat,
                                           **{k: v for k, v in params.items() if v is not None})
 
 
@@ -147,7 +149,8 @@ class Client:
     def stream(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                **params) -> Iterator[generation_pb2.GenerateResponse]:
         """The responses of one request as they arrive (retrying UNAVAILABLE, and with
-        overload_retries RESOURCE_EXHAUSTED, before the first)."""
+        overload_retries RESOURCE_EXHAUSTED, before the first). A chat passes
+        `messages=[{"role": "user", "content": ...}]` instead of a prompt."""
         req = request_pb(prompt, prompt_token_ids, **params)
         attempt = overloads = 0
         while True:

@@ -14,7 +14,7 @@ from specserve.actors.engine.request import GenerationResult, SpecStats
 from specserve.actors.security import SecurityError, TlsFiles
 from specserve.cluster.client import Client, Reply
 from specserve.cluster.config import ConfigError, load_config
-from specserve.cluster.local import result_json, stats_line
+from specserve.cluster.local import chat_messages, result_json, stats_line
 
 DEMO_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\ndef list_files(path):",
                 "def read_json(path):"]
@@ -53,12 +53,16 @@ def generate_remote(args) -> int:
         client = Client(args.server, timeout_s=args.timeout, tls=tls, token=token)
     except SecurityError as e:
         raise ConfigError(str(e).replace("tls.", "--tls-").replace("_file", "")) from None
+    messages = chat_messages(args)
+    if messages:
+        params["messages"] = messages
+    prompt = None if messages else args.prompt
     with client:
         try:
             if args.json:
-                print(json.dumps(reply_json(client.generate(args.prompt, **params))))
+                print(json.dumps(reply_json(client.generate(prompt, **params))))
                 return 0
-            reply = _stream_to_stdout(client, args.prompt, params)
+            reply = _stream_to_stdout(client, prompt, params)
         except grpc.RpcError as e:
             print(f"specserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
@@ -67,8 +71,8 @@ def generate_remote(args) -> int:
     return 0
 
 
-def _stream_to_stdout(client: Client, prompt: str, params: dict, echo_prompt: bool = True) -> Reply:
-    if echo_prompt:
+def _stream_to_stdout(client: Client, prompt: str | None, params: dict, echo_prompt: bool = True) -> Reply:
+    if echo_prompt and prompt:
         print(prompt, end="", flush=True)
     return client.collect(client.stream(prompt, **params), lambda msg: print(msg.text, end="", flush=True))
 

@@ -10,6 +10,7 @@ import torch
 
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.build import DRAFTER_KINDS, EngineSpec, build_engine
+from specserve.actors.engine.chat import render_chat
 from specserve.actors.engine.draft_length import FIXED_K_MAX, PROMPT_LOOKUP
 from specserve.actors.engine.request import GenerationResult, InvalidRequestError, make_params
 
@@ -66,7 +67,8 @@ def generate_local(args) -> int:
         raise InvalidRequestError("fixed_k", f"must be in [1, {FIXED_K_MAX}], got {args.fixed_k}")
     engine = build_engine(engine_spec(args.target, args.drafter, args.k_max, args.threshold, fixed_k=args.fixed_k,
                                      prompt_lookup=PROMPT_LOOKUP if args.prompt_lookup is None else args.prompt_lookup))
-    prompt_ids = engine.tokenizer(args.prompt)["input_ids"]
+    messages = chat_messages(args)
+    prompt_ids = render_chat(engine.tokenizer, messages) if messages else engine.tokenizer(args.prompt)["input_ids"]
     engine.generate([prompt_ids[:8]], make_params(max_tokens=4))  # warm-up, excluded from timing
     start = time.perf_counter()
     [result] = engine.generate([prompt_ids], params)
@@ -75,9 +77,19 @@ def generate_local(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(args.prompt + result.text)
+        print(result.text if messages else args.prompt + result.text)
         print(stats_line(out))
     return 0
+
+
+def chat_messages(args) -> list[dict] | None:
+    """The chat of `generate --chat [--system TEXT] PROMPT`, or None without --chat."""
+    if not args.chat:
+        if args.system is not None:
+            raise InvalidRequestError("system", "goes with --chat")
+        return None
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return system + [{"role": "user", "content": args.prompt}]
 
 
 def set_threads(threads: int) -> None:

@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from specserve.actors.convert import MAX_PROMPT_CHARS, MAX_REQUEST_ID_CHARS
+from specserve.actors.engine.chat import MAX_MESSAGES
 from specserve.actors.engine.request import MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE
 from specserve.cluster.reporting import text_table
 from specserve.v1 import generation_pb2
@@ -80,9 +81,12 @@ def valid_fields(vocab: int) -> dict[str, st.SearchStrategy]:
     prompt = weighted((3, st.sampled_from(PROMPTS)), (2, TEXT.filter(bool)),
                       (1, repeated(["a", "é", "\U0001F600", "def f(x):\n    return x\n", "\x00"], [8, 40])))
     ids = st.lists(st.integers(0, vocab - 1), min_size=1, max_size=40)
+    chat = st.lists(st.builds(generation_pb2.ChatMessage, role=st.sampled_from(["system", "user", "assistant"]),
+                              content=prompt), min_size=1, max_size=4)
     return {
         "prompt": weighted((3, prompt.map(lambda t: {"prompt": t, "prompt_token_ids": []})),
-                           (2, ids.map(lambda i: {"prompt": "", "prompt_token_ids": i}))),
+                           (2, ids.map(lambda i: {"prompt": "", "prompt_token_ids": i})),
+                           (1, chat.map(lambda m: {"prompt": "", "prompt_token_ids": [], "messages": m}))),
         # OK calls stay quick: a few tokens, the default of 128 rarely
         "max_tokens": weighted((12, st.integers(1, 4)), (1, st.none())),
         "temperature": weighted((3, st.none()), (2, st.just(0.0)), (3, st.floats(MIN_TEMPERATURE, 2.0)),
@@ -114,7 +118,13 @@ def hostile_fields(vocab: int) -> dict[str, st.SearchStrategy]:
         (3, st.lists(out_of_vocab(vocab), min_size=1, max_size=4).map(ids)),
         (2, repeated([[1], [vocab - 1]], [200, 247, 248, 100_000]).map(ids)),
         (2, repeated(["a", "é", "\U0001F600", "def f(x):\n    return x\n"], [300, 5_000, 60_000]).map(text)),
-        (1, repeated(["a", "é"], [MAX_PROMPT_CHARS, MAX_PROMPT_CHARS + 1]).map(text)))
+        (1, repeated(["a", "é"], [MAX_PROMPT_CHARS, MAX_PROMPT_CHARS + 1]).map(text)),
+        (1, st.builds(lambda t: {"prompt": t, "prompt_token_ids": [],  # a prompt and a chat
+                                 "messages": [generation_pb2.ChatMessage(role="user", content=t)]},
+                      st.sampled_from(PROMPTS))),
+        (1, st.sampled_from(["", "user"]).map(lambda role: {  # an empty role; more messages than allowed
+            "prompt": "", "prompt_token_ids": [],
+            "messages": [generation_pb2.ChatMessage(role=role, content="x")] * (1 if not role else MAX_MESSAGES + 1)})))
     return {
         "prompt": prompt,
         "max_tokens": weighted((2, st.sampled_from([0, 240, 247, 248, 1_000_000, 1_000_001, U32])),
@@ -222,8 +232,10 @@ def cases(vocab: int) -> st.SearchStrategy:
 def contract_violations(req: generation_pb2.GenerateRequest, vocab: int) -> set[str]:
     """Fields of `req` that the documented contract makes invalid, whatever the server's config."""
     bad = set()
-    if bool(req.prompt) == bool(req.prompt_token_ids) or len(req.prompt) > MAX_PROMPT_CHARS:
+    if bool(req.prompt) + bool(req.prompt_token_ids) + bool(req.messages) != 1 or len(req.prompt) > MAX_PROMPT_CHARS:
         bad.add("prompt")
+    if len(req.messages) > MAX_MESSAGES or any(not m.role for m in req.messages):
+        bad.add("messages")
     if any(i >= vocab for i in req.prompt_token_ids):
         bad.add("prompt_token_ids")
     if req.HasField("max_tokens") and not 1 <= req.max_tokens <= 1_000_000:

@@ -58,6 +58,18 @@ def test_generate_greedy_output_is_the_same_with_every_drafter(outputs):
     assert outputs["model"]["drafted"] > 0
 
 
+def test_generate_chat_renders_the_messages_with_the_chat_template():
+    from specserve.actors.demo import demo_path
+    from specserve.actors.engine.build import load_tokenizer
+
+    out = generate_json_here("--chat", "--system", "You write Python.", "--drafter", "none")
+    chat = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": PROMPT}]
+    want = load_tokenizer(demo_path("target")).apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert out["prompt_token_ids"] == list(want)
+    status, _, err = main_here("generate", PROMPT, "--system", "x")
+    assert status == 2 and "system" in err
+
+
 def test_generate_seeded_sampling_is_reproducible():
     a = generate_json_here("--temperature", "0.8", "--top-p", "0.95", "--seed", "3")
     b = generate_json_here("--temperature", "0.8", "--top-p", "0.95", "--seed", "3")

@@ -167,6 +167,22 @@ def test_a_reflection_client_without_our_stubs_lists_and_calls_generate(cluster)
     assert sum(len(r.token_ids) for r in responses) == 5
 
 
+def test_a_chat_request_streams_the_greedy_output_of_its_rendered_prompt(cluster):
+    from specserve.actors.engine.build import load_tokenizer
+    from specserve.actors.engine.chat import render_chat
+
+    chat = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": PROMPTS[0]}]
+    ids = render_chat(load_tokenizer(demo_path("target")), chat)
+    with client(cluster) as c:
+        by_chat = c.generate(messages=chat, max_tokens=NEW_TOKENS, ignore_eos=True)
+        by_ids = c.generate(prompt_token_ids=ids, max_tokens=NEW_TOKENS, ignore_eos=True)
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(messages=chat, prompt="also text", max_tokens=2)
+    assert by_chat.prompt_token_ids == ids and by_chat.token_ids == by_ids.token_ids
+    assert len(by_chat.token_ids) == NEW_TOKENS
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in err.value.details()
+
+
 def test_the_standard_health_check_reports_serving(cluster):
     with grpc.insecure_channel(f"127.0.0.1:{cluster.server.grpc_port}") as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status

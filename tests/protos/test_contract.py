@@ -57,6 +57,7 @@ def full_request() -> generation_pb2.GenerateRequest:
         request_id="req-1", prompt="Once upon a time", prompt_token_ids=[1, 2, 3], max_tokens=64,
         temperature=0.7, top_k=50, top_p=0.9, seed=2**63 - 1, stop=["\n\n", "END"],
         stop_token_ids=[7, 2**32 - 1], ignore_eos=True,
+        messages=[generation_pb2.ChatMessage(role="user", content="Write a haiku.")],
     )
 
 
