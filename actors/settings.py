@@ -64,6 +64,7 @@ class VerifierSettings:
     front: ClientFrontSettings | None = None  # serve the client port here, with TLS (security.tls)
     auth_token_file: str | None = None  # bearer tokens accepted on Generate (security.auth_token_file)
     internal_tls: TlsFiles | None = None  # mutual TLS towards the drafters' draft servers
+    model_name: str = "specserve-demo"  # the `model` of the OpenAI API (server.model_name)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class Verifier:
 
     def __init__(self, settings: VerifierSettings):
         self.settings = settings
-        self.app = serve.get_replica_context().app_name
+        self.app_name = serve.get_replica_context().app_name
         self.device = assigned_device()
         use_threads(settings.threads)
         models = settings.models
@@ -84,7 +84,7 @@ class Verifier:
                 registry = registry or get_registry()
                 records = ray.get(registry.list.remote(), timeout=5)
                 self._endpoints = [DrafterEndpoint(r.address, r.node_id, r.load, r.weight_version)
-                                   for r in records if r.app == self.app]
+                                   for r in records if r.app == self.app_name]
                 self.metrics.drafter_pool_size.set(len(self._endpoints))
             except Exception as e:  # the registry restarting: keep the last list, look it up again
                 log.warning("drafter registry unavailable: %s", e)

@@ -40,7 +40,8 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
     verifier = VerifierSettings(models, cfg.verifier.max_num_seqs, cfg.verifier.max_seq_len, cfg.verifier.max_queue,
                                 spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)),
                                 tree_nodes=spec.tree_nodes, prompt_lookup=spec.prompt_lookup, kernels=spec.kernels,
-                                tap=tap, fixed_k=spec.fixed_k, front=front, auth_token_file=sec.auth_token_file, internal_tls=internal)
+                                tap=tap, fixed_k=spec.fixed_k, front=front, auth_token_file=sec.auth_token_file, internal_tls=internal,
+                                model_name=served_model_name(cfg))
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
                               weight_version=models.base_version, threads=max(1, round(cfg.drafter.num_cpus)),
@@ -49,6 +50,13 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
                               hot_swap=distill.enabled,
                               internal_tls=internal)
     return verifier, drafter
+
+
+def served_model_name(cfg: SpecserveConfig) -> str:
+    """The `model` of the OpenAI API: server.model_name, else the target checkpoint's name."""
+    if cfg.server.model_name:
+        return cfg.server.model_name
+    return Path(cfg.models.target).name if cfg.models.target else "specserve-demo"
 
 
 def distill_specs(cfg: SpecserveConfig) -> tuple[HubSettings, DistillSpec]:
@@ -80,7 +88,10 @@ def build_app(args: dict) -> Application:
         drafters = None
     else:
         drafters = serve.deployment(Drafter, name="Drafter", **_options(cfg.drafter_deployment())).bind(drafter_settings)
-    verifier = serve.deployment(VerifierIngress, name="Verifier", **_options(cfg.verifier_deployment()))
+    ingress = VerifierIngress
+    if cfg.server.openai:
+        from specserve.cluster.openai_ingress import OpenAIVerifierIngress as ingress
+    verifier = serve.deployment(ingress, name="Verifier", **_options(cfg.verifier_deployment()))
     return verifier.bind(verifier_settings, drafters)
 
 

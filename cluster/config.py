@@ -205,7 +205,14 @@ class ServerConfig(Strict):
     grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of the Generation service.")
     host: str = Field("0.0.0.0", description=(
         "Address the verifiers bind the client port on when they serve it themselves (security.tls)."))
-    http_port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy (unused by clients).")
+    http_port: int = Field(8000, ge=1, le=65535, description=(
+        "Port of Serve's HTTP proxy: the OpenAI-compatible API (server.openai) and Serve's health checks."))
+    openai: bool = Field(True, description=(
+        "Serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on http_port, "
+        "through the same verifier replicas as gRPC."))
+    model_name: str | None = Field(None, description=(
+        "Model name of the OpenAI API (the `model` field clients send); default: the target checkpoint's "
+        "directory name, 'specserve-demo' for the demo pair."))
 
 
 class ClientTls(Strict):
