@@ -21,7 +21,7 @@ from specserve.kernels import dispatch
 from specserve.kernels.dispatch import Backend
 from specserve.kernels.tree_attention import MAX_BLOCK as PAGED_MAX_BLOCK
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gpt2")
 
 
 @dataclass(frozen=True)
