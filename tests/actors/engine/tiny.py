@@ -17,6 +17,7 @@ from specserve.actors.engine.draft_length import CostModel, DraftLengthConfig
 from specserve.actors.engine.drafters import BaseDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.engine.tree_drafting import TreeDrafter
 
 VOCAB = 96
 WINDOW = 6  # sliding window, shorter than the test sequences so it changes the logits
@@ -179,3 +180,11 @@ def record_drafts(drafter: BaseDrafter) -> list:
 
     drafter.propose = recording
     return drafts
+
+
+def tree_engine(target, drafter: TreeDrafter, depth: int, nodes: int, lean: bool = False) -> SpeculativeEngine:
+    """An engine that asks for trees of `nodes` tokens and depth `depth` whenever there is room."""
+    policy = DraftLengthConfig(k_max=depth, alpha_ema=0.0, tree_nodes=nodes)
+    engine = SpeculativeEngine(runner(target, lean=lean), None, drafter, policy=policy)
+    engine.cost = AlwaysDraftCost(policy)
+    return engine
