@@ -1,10 +1,11 @@
 """ModelRunner: a Hugging Face causal LM driven with the project's KV cache and attention.
 
 One code path for every supported architecture (SUPPORTED_MODEL_TYPES: the Llama, Qwen2/3,
-Mistral/Mixtral, Gemma 2/3, Phi-3, OLMo 2, Granite and GPT-2 families): the model is transformers' own class with `attn_implementation="specserve"`; we pass explicit
-position ids, our `KVCache` as `past_key_values`, and our `BlockMask` through transformers'
-attention kwargs. A forward takes several sequences of different cached lengths, each adding
-`n` new positions (a verification block) under an arbitrary per-sequence mask.
+Mistral/Mixtral, Gemma 2/3, Phi-3, OLMo 2, Granite and GPT-2 families): the model is
+transformers' own class with `attn_implementation="specserve"`; we pass explicit position ids,
+our `KVCache` as `past_key_values`, and our `BlockMask` through transformers' attention kwargs.
+A forward takes several sequences of different cached lengths, each adding `n` new positions (a
+verification block) under an arbitrary per-sequence mask.
 """
 
 from __future__ import annotations
