@@ -127,12 +127,15 @@ def specserve_attention(
     dropout: float = 0.0,
     sliding_window: int | None = None,
     block_mask: BlockMask | None = None,
+    softcap: float | None = None,  # Gemma 2: scores become softcap * tanh(scores / softcap)
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Scaled dot-product attention of the new positions over cache + block."""
     if block_mask is None:
         raise RuntimeError("specserve attention needs a block_mask; run models through ModelRunner")
     if block_mask.paged is not None:  # key/value are the layer's whole cache storage
+        if softcap is not None:
+            raise RuntimeError("the paged attention kernel has no score soft-capping; the runner must not page")
         pg = block_mask.paged
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = dispatch.tree_attention(query, key, value, pg.slots, pg.prefix_len, pg.block, scale, pg.positions,
@@ -145,10 +148,32 @@ def specserve_attention(
         # grouped-query attention without copying K/V: query head h reads kv head h // groups, so
         # fold each group's heads into the query length  # [batch, kv_heads, groups * n, head_dim]
         query = query.reshape(batch, key.shape[1], groups * n, head_dim)
-    out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask,
-                                         scale=scaling)
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    else:
+        out = softcapped_attention(query, key, value, mask, scaling, softcap)
     out = out.reshape(batch, heads, n, head_dim)  # (a view on the CPU; CUDA may return another layout)
     return out.transpose(1, 2).contiguous(), None  # [batch, n, heads, head_dim]
+
+
+def softcapped_attention(
+    query: torch.Tensor,  # [batch, kv_heads, groups * n, head_dim]
+    key: torch.Tensor,  # [batch, kv_heads, kv_len, head_dim]
+    value: torch.Tensor,  # [batch, kv_heads, kv_len, head_dim]
+    mask: torch.Tensor | None,  # [batch, 1, groups * n, kv_len] additive, or None
+    scaling: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with tanh soft-capped scores, as Gemma 2 computes it (SDPA cannot cap).  # like query
+
+    The cap applies before the mask; the softmax runs in at least float32, as transformers' own."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.tanh(query @ key.transpose(-1, -2) * (scale / softcap)) * softcap  # [batch, kv_heads, rows, kv_len]
+    if mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return probs.to(value.dtype) @ value
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, specserve_attention)

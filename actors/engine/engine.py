@@ -92,7 +92,7 @@ class SpeculativeEngine:
         self.drafter = drafter
         self.policy = policy
         self.cost = CostModel(policy, rtt_s)
-        self.eos_ids = _eos_ids(target.model.config, tokenizer)
+        self.eos_ids = _eos_ids(target.model, tokenizer)
         self.seqs: dict[int, Sequence] = {}
         self.timing = Timing()
         self._next_id = 0
@@ -450,10 +450,13 @@ def _tested(draft: Draft, accepted: int, path: list[int] | None) -> int:
     return accepted + (1 if has_child else 0)
 
 
-def _eos_ids(config, tokenizer) -> set[int]:
-    """Token ids that end generation by default."""
-    ids = getattr(config, "eos_token_id", None)
-    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end generation by default: the config's, generation_config.json's (often a
+    list, e.g. Llama 3 instruct's end-of-turn ids beside its end of text) and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        found = getattr(source, "eos_token_id", None)
+        ids.update(found if isinstance(found, (list, tuple)) else [] if found is None else [found])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

@@ -7,7 +7,7 @@ eats most of what speculation gains, and a target step is overhead-bound the sam
 
 The runner runs targets and drafters alike through it where the model allows.
 
-It reads the weights of the very model the runner holds (Llama, Qwen2 and Mistral families),
+It reads the weights of the very model the runner holds (Llama, Qwen2, Qwen3 and Mistral families),
 fuses q/k/v and gate/up into one product each, stores every weight pre-transposed (a CPU
 matrix-vector product over a contiguous [in, out] matrix is about twice as fast as over
 nn.Linear's [out, in]), and keeps the rotary tables for every cache position. Attention and
@@ -25,16 +25,25 @@ import torch.nn.functional as F
 from specserve.actors.engine.attention import BlockMask, specserve_attention
 from specserve.actors.engine.kv_cache import KVCache
 
-LEAN_MODEL_TYPES = ("llama", "qwen2", "mistral")
+LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # Qwen3: Qwen2's layers with q/k norms, no biases
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend only on the position
 
 
 def supports(model) -> bool:
-    """Whether `model` can run the lean path."""
+    """Whether `model` can run the lean path (every other model takes transformers' modules)."""
     cfg = model.config
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     act = getattr(cfg, "hidden_act", "silu")
-    return cfg.model_type in LEAN_MODEL_TYPES and rope in _STATIC_ROPE and act == "silu"
+    return cfg.model_type in LEAN_MODEL_TYPES and rope in _STATIC_ROPE and act == "silu" \
+        and all(_plain_layer(layer) for layer in model.model.layers)
+
+
+def _plain_layer(layer) -> bool:
+    """Whether a layer has only the biases the lean path adds (q/k/v; Llama's attention_bias and
+    mlp_bias also put them on o_proj and the MLP) and q/k norms on both or neither."""
+    att, mlp = layer.self_attn, layer.mlp
+    biased = [m.bias is not None for m in (att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    return not any(biased) and hasattr(att, "q_norm") == hasattr(att, "k_norm")
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +88,7 @@ class _Linear:
 class _Layer:
     """One decoder layer's weights, fused and transposed."""
 
-    def __init__(self, layer, window: int | None):
+    def __init__(self, layer, window: int | None, heads: int, kv_heads: int):
         att, mlp = layer.self_attn, layer.mlp
         self.qkv = _Linear(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))  # [hidden, q+k+v]
         biases = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
@@ -87,6 +96,9 @@ class _Layer:
         self.o = _Linear(att.o_proj.weight)
         self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))  # [hidden, 2 * inter]
         self.down = _Linear(mlp.down_proj.weight)
+        # Qwen3's per-head RMSNorm of q and k before rotary, as one weight over the q and k heads
+        self.qk_norm = None if not hasattr(att, "q_norm") else torch.cat(
+            [att.q_norm.weight.expand(heads, -1), att.k_norm.weight.expand(kv_heads, -1)]).detach()  # [nq + nk, hd]
         self.norm_in = layer.input_layernorm.weight.detach()
         self.norm_post = layer.post_attention_layernorm.weight.detach()
         self.scaling = att.scaling
@@ -117,7 +129,7 @@ class LeanForward:
     def refresh(self) -> None:
         """Re-read the model's weights (after they were replaced)."""
         inner = self.model.model
-        self.layers = [_Layer(layer, self._window(layer)) for layer in inner.layers]
+        self.layers = [_Layer(layer, self._window(layer), self.heads, self.kv_heads) for layer in inner.layers]
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.lm_head = _Linear(self.model.lm_head.weight)
@@ -148,6 +160,8 @@ class LeanForward:
             qkv = lw.qkv(x) if lw.qkv_bias is None else lw.qkv(x) + lw.qkv_bias
             qkv = qkv.view(batch, n, nq + 2 * nk, hd)
             qk, v = qkv[:, :, : nq + nk], qkv[:, :, nq + nk :]
+            if lw.qk_norm is not None:
+                qk = _rms_norm(qk, lw.qk_norm, self.eps)
             qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary on q and k
             q, k = qk[:, :, :nq], qk[:, :, nq:]
             k_all, v_all = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # [batch, nk, kv_len, hd]

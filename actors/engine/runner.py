@@ -1,10 +1,11 @@
 """ModelRunner: a Hugging Face causal LM driven with the project's KV cache and attention.
 
-One code path for every supported architecture (Llama, Qwen2, Mistral, GPT-2 families): the
-model is transformers' own class with `attn_implementation="specserve"`; we pass explicit
-position ids, our `KVCache` as `past_key_values`, and our `BlockMask` through transformers'
-attention kwargs. A forward takes several sequences of different cached lengths, each adding
-`n` new positions (a verification block) under an arbitrary per-sequence mask.
+One code path for every supported architecture (SUPPORTED_MODEL_TYPES: the Llama, Qwen2/3,
+Mistral/Mixtral, Gemma 2/3, Phi-3, OLMo 2, Granite and GPT-2 families): the model is
+transformers' own class with `attn_implementation="specserve"`; we pass explicit position ids,
+our `KVCache` as `past_key_values`, and our `BlockMask` through transformers' attention kwargs.
+A forward takes several sequences of different cached lengths, each adding `n` new positions (a
+verification block) under an arbitrary per-sequence mask.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from specserve.kernels import dispatch
 from specserve.kernels.dispatch import Backend
 from specserve.kernels.tree_attention import MAX_BLOCK as PAGED_MAX_BLOCK
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+# the `model_type`s of config.json that tests hold to transformers' own forward and generate
+# (tests/actors/engine/test_families.py); Gemma 3 is its text model (`gemma3` is the multimodal one)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma2", "gemma3_text",
+                         "phi3", "olmo2", "granite", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,30 @@ class RunnerConfig:
     lean: bool = False  # forwards through LeanForward (actors/engine/lean.py) where the model allows
 
 
+def check_supported(config, source: str = "the model") -> None:
+    """Raise ValueError naming the model_type unless the runner supports `config`'s architecture."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source} has model_type {config.model_type!r}, which specserve does not support "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(config, "use_bidirectional_attention", False):  # an embedding model (EmbeddingGemma), not a causal LM
+        raise ValueError(f"{source} ({config.model_type!r}) uses bidirectional attention; specserve runs causal LMs")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a local checkpoint directory with transformers' own class and our attention."""
+    """Load a local checkpoint directory with transformers' own class and our attention.
+
+    One file or shards (`model.safetensors.index.json`), tied or untied embeddings: transformers
+    reads them as it would for itself; its generation_config.json comes with the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+    check_supported(AutoConfig.from_pretrained(path), f"the checkpoint at {path}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     return model.to(device).eval()
+
+
+def soft_caps_attention(config) -> bool:
+    """Whether the model soft-caps attention scores (Gemma 2), which the paged kernel does not."""
+    return getattr(config, "attn_logit_softcapping", None) is not None
 
 
 def cache_shape(model, dtype: torch.dtype) -> CacheShape:
@@ -61,6 +80,7 @@ class ModelRunner:
     """Owns a model and its KV cache; runs batched multi-position forwards."""
 
     def __init__(self, model, cfg: RunnerConfig = RunnerConfig()):
+        check_supported(model.config)
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.model = model
         self.cfg = cfg
@@ -69,7 +89,7 @@ class ModelRunner:
         self.cache = KVCache(cache_shape(model, cfg.dtype), cfg.max_num_seqs, cfg.max_seq_len,
                              self.device, cfg.kv_budget_bytes)
         # the paged attention kernel reads cache rows in place (Triton on CUDA, see kernels/dispatch.py)
-        self.paged = dispatch.use_triton(self.device, cfg.kernels)
+        self.paged = dispatch.use_triton(self.device, cfg.kernels) and not soft_caps_attention(model.config)
         self.lean = lean.LeanForward(model, self.cache) if cfg.lean and lean.supports(model) and not self.paged else None
 
     @classmethod

@@ -24,6 +24,21 @@ def test_the_lean_path_runs_for_llama_qwen2_and_mistral_and_not_for_gpt2(family)
     assert lean.supports(r.model) == (family != "gpt2")
 
 
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_a_llama_with_biases_the_lean_path_lacks_takes_transformers_modules_and_keeps_its_logits(bias):
+    # attention_bias also puts a bias on o_proj, mlp_bias on gate/up/down: the fused weights have none
+    model = build_model(family_config("llama", **{bias: True}), seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)  # zero-initialised, they would change nothing
+    r = runner(model, lean=True)
+    assert r.lean is None and not lean.supports(r.model)
+    seq = list(range(10, 30))
+    torch.testing.assert_close(r.forward([r.add_sequence()], torch.tensor([seq]))[0], reference_logits(model, seq),
+                               atol=ATOL, rtol=0)
+
+
 def test_a_runner_without_lean_never_builds_it():
     assert runner(build_model(family_config("llama"), seed=0)).lean is None
 

@@ -10,7 +10,7 @@ import torch
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
 from specserve.kernels.tree import tree_depth, tree_mask
 
-from .tiny import FAMILIES, build_model, clone, family_config
+from .tiny import ALL_FAMILIES, FAMILIES, build_model, clone, family_config
 
 pytestmark = pytest.mark.triton_cpu  # Triton on CPU tensors: interpreter mode (see tests/conftest.py)
 
@@ -19,7 +19,7 @@ PARENTS = torch.tensor([[-1, 0, 0, 1, 1, 2, 3], [-1, 0, 1, 2, -1, -1, -1]])  # a
 
 def float_runner(model, kernels: str) -> ModelRunner:
     cfg = RunnerConfig(max_num_seqs=3, max_seq_len=128, dtype=torch.float32, kernels=kernels)
-    return ModelRunner(clone(model).float(), cfg)
+    return ModelRunner(clone(model, attn="eager").float(), cfg)
 
 
 def tree_step(r: ModelRunner, long_prompt: int = 9) -> torch.Tensor:
@@ -32,11 +32,11 @@ def tree_step(r: ModelRunner, long_prompt: int = 9) -> torch.Tensor:
     return r.forward([b, a], tokens, [7, 4], tree_mask(PARENTS), tree_depth(PARENTS))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_paged_triton_attention_matches_the_torch_path(family):
     model = build_model(family_config(family), seed=0)
     paged, plain = float_runner(model, "triton"), float_runner(model, "torch")
-    assert paged.paged and not plain.paged
+    assert paged.paged == (family != "gemma2") and not plain.paged  # the kernel cannot soft-cap scores
     got, want = tree_step(paged), tree_step(plain)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1, :4], want[1, :4], atol=1e-4, rtol=1e-4)  # the chain's real positions

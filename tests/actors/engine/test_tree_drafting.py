@@ -6,23 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specserve.actors.engine.draft_length import DraftLengthConfig
-from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.request import make_params
 from specserve.actors.engine.tree_drafting import TreeDrafter
 
-from .tiny import AlwaysDraftCost, build_model, family_config, hf_greedy, record_drafts, runner
+from .tiny import build_model, family_config, hf_greedy, record_drafts, runner, tree_engine
 
 NEW_TOKENS = 16
 PROMPTS = [[7], [3, 41, 9, 88], [5, 6, 7, 5, 6, 7, 5, 6, 7], list(range(20, 34))]
-
-
-def tree_engine(target, drafter: TreeDrafter, depth: int, nodes: int, lean: bool = False) -> SpeculativeEngine:
-    """An engine that asks for trees of `nodes` tokens and depth `depth` whenever there is room."""
-    policy = DraftLengthConfig(k_max=depth, alpha_ema=0.0, tree_nodes=nodes)
-    engine = SpeculativeEngine(runner(target, lean=lean), None, drafter, policy=policy)
-    engine.cost = AlwaysDraftCost(policy)
-    return engine
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "gpt2"])
