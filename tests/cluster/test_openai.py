@@ -162,3 +162,12 @@ def test_fuzzed_json_bodies_get_only_documented_statuses(cluster, case):
     assert status in DOCUMENTED, (status, body[:300], reply)
     if status != 200:
         assert set(reply["error"]) >= {"message", "type", "param", "code"}, reply
+
+
+def test_unknown_paths_and_methods_answer_in_openais_shape(cluster):
+    for method, path, want in (("GET", "/v1/completions", 405), ("POST", "/v1/engines", 404)):
+        request = urllib.request.Request(f"http://127.0.0.1:{cluster.server.http_port}{path}", method=method,
+                                         data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=60)
+        assert err.value.code == want and "message" in json.loads(err.value.read())["error"]
