@@ -149,18 +149,27 @@ def response_pb(request_id: str, token_ids: list[int], text: str, finish_reason:
 
 # -- Drafting (internal) ---------------------------------------------------------------------------
 
-def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed: int, k: int, nodes: int = 0):
+def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed: int, k: int, nodes: int = 0,
+             push: bool = False):
     """The Start message of a sequence whose drafter context is `context`."""
     start = drafting_pb2.Start(sequence_id=sequence_id, prompt_token_ids=context, temperature=params.temperature,
-                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k, tree_nodes=nodes)
+                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k, tree_nodes=nodes, push=push)
     return drafting_pb2.VerifierMessage(start=start)
 
 
 def verdict_pb(sequence_id: int, accepted: int, next_token: int, k: int, path: list[int] | None = None,
-               nodes: int = 0, then_tokens: list[int] | None = None):
+               nodes: int = 0, then_tokens: list[int] | None = None, taken: list[int] | None = None):
     return drafting_pb2.VerifierMessage(verdict=drafting_pb2.Verdict(
         sequence_id=sequence_id, accepted=accepted, next_token=next_token, k=k, path=path or [], tree_nodes=nodes,
-        then_tokens=then_tokens or []))
+        then_tokens=then_tokens or [], taken=taken or []))
+
+
+def speculation_to_pb(sequence_id: int, context_length: int, last_token: int, draft: Draft,
+                      version: str, seconds: float) -> drafting_pb2.DrafterMessage:
+    """A Speculation message: `draft` for the state of `context_length` tokens ending in `last_token`."""
+    pb = draft_to_pb(sequence_id, draft, version, seconds).draft
+    return drafting_pb2.DrafterMessage(speculation=drafting_pb2.Speculation(
+        sequence_id=sequence_id, context_length=context_length, last_token=last_token, draft=pb))
 
 
 def stop_pb(sequence_id: int):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from specserve.actors.convert import draft_to_pb, start_params
+from specserve.actors.convert import draft_to_pb, speculation_to_pb, start_params
 from specserve.actors.engine.drafters import BaseDrafter, DraftRequest
 from specserve.actors.engine.kv_cache import CacheBudgetError
 from specserve.actors.security import TlsFiles, bind
@@ -62,6 +62,8 @@ class DraftWorker:
         self.pipelined = pipelined
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.seq_ids: dict[tuple[int, int], int] = {}  # (stream, sequence_id) -> drafter seq id
+        self.routes: dict[int, tuple[_Stream, int]] = {}  # drafter seq id -> (stream, sequence_id), for pushes
+        self.pushes_sent = 0
         self._next = itertools.count()
         self._thread = threading.Thread(target=self._run, name="draft-worker", daemon=True)
         self._running = True
@@ -130,6 +132,7 @@ class DraftWorker:
             except queue.Empty:
                 if self.pipelined:
                     self.drafter.draft_ahead()
+                    self._push()
                 if not self._running:
                     return []
                 continue
@@ -196,6 +199,9 @@ class DraftWorker:
                     stream.send(_unknown(wire_id, self.weight_version))  # cannot follow it: start over
                     self._stop(stream.stream_id, wire_id)
                     continue
+                if msg.verdict.taken:  # the verifier verifies what was pushed: nothing to answer
+                    self.drafter.took(seq, list(msg.verdict.taken), msg.verdict.k)
+                    continue
                 pending[seq] = (stream, wire_id, msg.verdict.k, msg.verdict.tree_nodes)
             elif kind == "stop" and seq is not None:
                 self._stop(stream.stream_id, wire_id)
@@ -227,13 +233,23 @@ class DraftWorker:
             log.warning("cannot draft a new sequence: %s", e)
             self.drafter.stop(seq)
             return None
+        self.drafter.seqs[seq].push = start.push and self.pipelined and start.tree_nodes == 0
         self.seq_ids[key] = seq
+        self.routes[seq] = (stream, start.sequence_id)
         return seq
 
     def _stop(self, stream_id: int, wire_id: int) -> None:
         seq = self.seq_ids.pop((stream_id, wire_id), None)
         if seq is not None:
+            self.routes.pop(seq, None)
             self.drafter.stop(seq)
+
+    def _push(self) -> None:
+        """Send the drafts made ahead that are ready to the verifiers' speculation caches."""
+        for seq, length, last, draft in self.drafter.take_pushes():
+            stream, wire_id = self.routes[seq]
+            stream.send(speculation_to_pb(wire_id, length, last, draft, self.weight_version, 0.0))
+            self.pushes_sent += 1
 
     def _drop_stream(self, stream: _Stream) -> None:
         for key in [k for k in self.seq_ids if k[0] == stream.stream_id]:

@@ -114,6 +114,7 @@ class Drafter:
         drafter = self.worker.drafter
         return {"address": self.address, "device": self.device, "sequences": self.worker.load,
                 "weight_version": self.worker.weight_version, "drafts": self.worker.drafts_sent,
+                "pushes": self.worker.pushes_sent,
                 "ahead_hits": getattr(drafter, "ahead_hits", 0), "ahead_misses": getattr(drafter, "ahead_misses", 0)}
 
     async def check_health(self) -> None:

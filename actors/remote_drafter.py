@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
@@ -85,7 +85,7 @@ class _Link:
     def _read(self) -> None:
         try:
             for msg in self._call:
-                self._on_draft(self, msg.draft)
+                self._on_draft(self, msg)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
                 log.warning("draft stream to %s broke: %s", self.address, e.code().name)
@@ -120,6 +120,10 @@ class _Remote:
     misses: int = 0
     retry_at: float = 0.0
     version: str = ""
+    # the speculation cache: drafts the drafter pushed, by the state they assume (context length,
+    # last token), with their weight version; `decided`: context length drafts were last chosen at
+    cache: dict = field(default_factory=dict)
+    decided: int = 0
 
 
 class RemoteDrafterPool(BaseDrafter):
@@ -132,8 +136,14 @@ class RemoteDrafterPool(BaseDrafter):
 
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
-                 tls: TlsFiles | None = None, catch_up_wait: int = 16, lookup_min_n: int = 0):
+                 tls: TlsFiles | None = None, catch_up_wait: int = 16, lookup_min_n: int = 0,
+                 speculation_cache: bool = True):
         super().__init__()
+        self.speculation_cache = speculation_cache  # ask drafters to push drafts ahead (Start.push)
+        self.cache_hits = 0  # drafts taken from the speculation cache (no round trip)
+        self.pushes = 0  # Speculations received
+        self.stale_pushes = 0  # ... that came for a state already decided (late, or a verdict ruled them out)
+        self.waits: collections.deque = collections.deque(maxlen=4096)  # seconds propose waited for remote drafts
         self.lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
         self.lookup_drafts = 0  # drafts the pool made itself by prompt lookup
         self._local: dict[int, Draft] | None = None  # this step's lookup drafts (local_drafts), for propose
@@ -188,9 +198,13 @@ class RemoteDrafterPool(BaseDrafter):
             super().stop(seq_id)
 
     def local_drafts(self, reqs: list[DraftRequest]) -> dict[int, Draft]:
-        """This step's prompt-lookup drafts (no round trip), by seq_id; `propose` returns them."""
+        """This step's drafts that need no round trip, by seq_id: prompt lookup, else a draft
+        the drafter pushed for the state the sequence is in now; `propose` returns them."""
         with self._cond:
-            self._local = {r.seq_id: d for r in reqs if (d := self._look_up(r)) is not None}
+            self._local = {r.seq_id: d for r in reqs
+                           if (d := self._look_up(r) or self._from_cache(r)) is not None}
+            for r in reqs:  # drafts for this step are decided: pushes for it from now on are stale
+                self._decide(r.seq_id)
             return dict(self._local)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
@@ -212,6 +226,8 @@ class RemoteDrafterPool(BaseDrafter):
                 if left <= 0:
                     break
                 self._cond.wait(left)
+            if any(r.k > 0 for r in reqs):
+                self.waits.append(time.monotonic() - now)
             return [local.get(r.seq_id) or self._collect(r, prefilling) for r in reqs]
 
     def _look_up(self, r: DraftRequest) -> Draft | None:
@@ -227,6 +243,32 @@ class RemoteDrafterPool(BaseDrafter):
         st.last_draft = tokens
         self.lookup_drafts += 1
         return lookup_draft(tokens, r.k, st.params)  # made here: no drafter time, no round trip
+
+    def _from_cache(self, r: DraftRequest) -> Draft | None:
+        """The draft the drafter pushed for the sequence's state now, or None. Taking it sends
+        the verdict on the last draft with the tokens taken, which the drafter does not answer."""
+        rs = self.remote[r.seq_id]
+        st = self.seqs[r.seq_id]
+        entry = rs.cache.get((len(st.context), st.context[-1])) if r.k > 0 and r.nodes == 0 else None
+        # pushes assume the verdict on the drafter's own last chain draft, nothing in between
+        if entry is None or rs.link is None or rs.verdict is None or rs.verdict[2] is not None or rs.verdict[3]:
+            return None
+        draft, version = entry
+        accepted, nxt, _, _ = rs.verdict
+        take = min(r.k, len(draft.tokens))
+        rs.link.send(verdict_pb(r.seq_id, accepted, nxt, take, taken=draft.tokens[:take]))
+        rs.verdict, rs.asked, rs.waiting, rs.result = None, True, False, None
+        rs.looked_up, rs.last_looked_up, rs.version = False, False, version
+        st.last_draft = draft.tokens[:take]
+        self.cache_hits += 1
+        q = (None, None) if draft.q_ids is None else (draft.q_ids[:take], draft.q_probs[:take])
+        return Draft(draft.tokens[:take], *q, requested=r.k)  # drafted meanwhile: no drafter time, no round trip
+
+    def _decide(self, seq_id: int) -> None:
+        rs = self.remote.get(seq_id)
+        if rs is not None:
+            rs.decided = len(self.seqs[seq_id].context)
+            rs.cache.clear()
 
     def _prefilling(self, now: float) -> set[int]:
         """Links (by id) whose drafter is still prefilling a sequence attached less than
@@ -284,7 +326,7 @@ class RemoteDrafterPool(BaseDrafter):
             rs.retry_at = time.monotonic() + self.retry_s
             return
         st = self.seqs[seq_id]
-        link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes))
+        link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes, push=self.speculation_cache))
         rs.link, rs.outstanding, rs.verdict, rs.misses, rs.answered, rs.asked = link, 1, None, 0, False, True
         rs.attached_at = time.monotonic()
         # the first draft waits for the drafter's prefill of the whole context: the batch does
@@ -338,11 +380,15 @@ class RemoteDrafterPool(BaseDrafter):
         if rs.link is not None and not rs.link.broken:
             rs.link.send(stop_pb(seq_id))
         rs.link, rs.outstanding, rs.verdict, rs.asked = None, 0, None, False
+        rs.cache.clear()
         rs.retry_at = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
 
     # -- reader threads -------------------------------------------------------------------------
 
-    def _on_draft(self, link: _Link, pb) -> None:
+    def _on_draft(self, link: _Link, msg) -> None:
+        if msg.HasField("speculation"):
+            return self._on_speculation(link, msg.speculation)
+        pb = msg.draft
         with self._cond:
             rs = self.remote.get(pb.sequence_id)
             if rs is None or rs.link is not link:
@@ -363,6 +409,22 @@ class RemoteDrafterPool(BaseDrafter):
                     self.overheads.append(overhead)
                     self._fresh_overheads.append(overhead)
             self._cond.notify_all()
+
+    def _on_speculation(self, link: _Link, pb) -> None:
+        """A pushed draft: kept for the state it assumes, unless that state is decided already
+        (the push came late, or after the sequence ended or moved to another drafter)."""
+        with self._cond:
+            rs = self.remote.get(pb.sequence_id)
+            if rs is None or rs.link is not link:
+                return
+            self.pushes += 1
+            if pb.context_length <= rs.decided:
+                self.stale_pushes += 1
+                return
+            sampled = not self.seqs[pb.sequence_id].params.greedy
+            draft = draft_from_pb(pb.draft, len(pb.draft.tokens), self.vocab_size, sampled)
+            if draft.tokens:
+                rs.cache[(pb.context_length, pb.last_token)] = (draft, pb.draft.weight_version)
 
     def _on_broken(self, link: _Link) -> None:
         with self._cond:

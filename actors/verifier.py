@@ -172,11 +172,22 @@ class Verifier:
                 "replica_id": serve.get_replica_context().replica_id.unique_id,
                 "draft_misses": self.pool.misses if self.pool else 0,
                 "lookup_drafts": self.pool.lookup_drafts if self.pool else 0,  # drafts by the pool's prompt lookup
+                "cache_hits": self.pool.cache_hits if self.pool else 0,  # drafts taken from the speculation cache
+                "pushes": self.pool.pushes if self.pool else 0, "stale_pushes": self.pool.stale_pushes if self.pool else 0,
+                "draft_wait_ms": self._draft_waits(),
                 "tap": None if self.tap is None else vars(self.tap.stats),
                 "cost_model": self._cost_model(),
                 "engine": dataclasses.asdict(self.scheduler.engine.timing),
                 "draft_overhead_p50_ms": (round(1000 * statistics.median(self.pool.overheads), 3)
                                           if self.pool and self.pool.overheads else None)}
+
+    def _draft_waits(self) -> dict | None:
+        """Median and 90th percentile of the time a drafting step waited for remote drafts."""
+        waits = sorted(self.pool.waits) if self.pool else []
+        if not waits:
+            return None
+        at = lambda q: round(1000 * waits[min(len(waits) - 1, int(q * len(waits)))], 3)  # noqa: E731
+        return {"p50": at(0.5), "p90": at(0.9), "steps": len(waits)}
 
     def _cost_model(self) -> dict:
         """What the draft-length policy goes by now: the cost model's estimates at the last

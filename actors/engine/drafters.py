@@ -69,6 +69,8 @@ class SeqState:
     ready: Draft | None = None  # `ahead` after a verdict that confirmed it: the next draft's start
     ready_done: bool = False
     ahead_ok: bool = True  # drafting ahead of the last draft is allowed (ModelDrafter's hit-rate gate)
+    push: bool = False  # the verifier keeps a speculation cache: push `ahead` once complete (take_pushes)
+    pushed: int = 0  # tokens of `ahead` pushed so far for the verdict now awaited
 
 
 class BaseDrafter:
@@ -115,6 +117,17 @@ class BaseDrafter:
 
     def draft_ahead(self) -> None:
         """Spend idle time drafting past the last draft, assuming it is fully accepted."""
+
+    def take_pushes(self) -> list[tuple[int, int, int, Draft]]:
+        """Drafts made ahead to push to a verifier's speculation cache, each once:
+        (seq_id, context length and last token of the state it assumes, draft)."""
+        return []
+
+    def took(self, seq_id: int, tokens: list[int], k: int) -> None:
+        """After a verdict: the verifier took the pushed draft for the new state and verifies
+        `tokens` of it (asked for k), as if `propose` had returned them."""
+        st = self.seqs[seq_id]
+        st.last_draft, st.awaiting, st.last_k, st.ready = list(tokens), True, k, None
 
     def local_drafts(self, reqs: list[DraftRequest]) -> dict[int, Draft]:
         """Drafts of some of `reqs` that need no round trip, made now (by seq_id); `propose` with
@@ -325,7 +338,7 @@ class ModelDrafter(BaseDrafter):
             st.fed = min(st.fed, base + accepted)
             self.runner.truncate(st.slot, st.fed)
             st.ready = None
-        st.awaiting, st.guess, st.ahead, st.ahead_done = False, None, None, False
+        st.awaiting, st.guess, st.ahead, st.ahead_done, st.pushed = False, None, None, False, 0
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         drafts = {r.seq_id: self._from_ready(r) for r in reqs}
@@ -411,6 +424,34 @@ class ModelDrafter(BaseDrafter):
 
     def has_ahead_work(self) -> bool:
         return any(self._wants_ahead(st) for st in self.seqs.values())
+
+    def take_pushes(self) -> list[tuple[int, int, int, Draft]]:
+        """Work drafted ahead for sequences whose verifier keeps a speculation cache: the draft
+        for the verdict that accepts the whole last draft and emits the guessed token. Pushed
+        once half of k is drafted (a verdict may come before the rest) and again when complete
+        (k tokens, or the confidence stop); the later push for a state replaces the earlier."""
+        out = []
+        for seq_id, st in self.seqs.items():
+            if not (st.push and st.awaiting and st.guess is not None and len(st.ahead.tokens) > st.pushed):
+                continue
+            n = len(st.ahead.tokens)
+            if not (n >= st.last_k or st.ahead_done or (st.pushed == 0 and 2 * n >= st.last_k)):
+                continue
+            st.pushed = n
+            draft = Draft(list(st.ahead.tokens), st.ahead.q_ids, st.ahead.q_probs, requested=st.last_k)
+            out.append((seq_id, len(st.context) + len(st.last_draft) + 1, st.guess, draft))
+        return out
+
+    def took(self, seq_id: int, tokens: list[int], k: int) -> None:
+        """The pushed draft is the next one: where the verdict confirmed the work drafted ahead,
+        the cache holds its tokens already (cut back to the ones taken); otherwise (weights
+        swapped meanwhile) the cache is cut back to the context and refed on the next draft."""
+        st = self.seqs[seq_id]
+        on_branch = st.ready is not None and st.ready.tokens[: len(tokens)] == list(tokens)
+        st.fed = min(st.fed, len(st.context) + (len(tokens) if on_branch else 0))
+        self.runner.truncate(st.slot, st.fed)
+        super().took(seq_id, tokens, k)
+        self._drafts_sent += 1
 
     def draft_ahead(self) -> None:
         """One batched forward of pipelined drafting for every sequence awaiting a verdict."""

@@ -17,7 +17,7 @@ class VerifierMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("sequence_id", "prompt_token_ids", "temperature", "top_k", "top_p", "seed", "k", "tree_nodes")
+    __slots__ = ("sequence_id", "prompt_token_ids", "temperature", "top_k", "top_p", "seed", "k", "tree_nodes", "push")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Start(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     temperature: float
@@ -34,10 +35,11 @@ class Start(_message.Message):
     seed: int
     k: int
     tree_nodes: int
-    def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
+    push: bool
+    def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., push: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("sequence_id", "accepted", "next_token", "k", "path", "tree_nodes", "then_tokens")
+    __slots__ = ("sequence_id", "accepted", "next_token", "k", "path", "tree_nodes", "then_tokens", "taken")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class Verdict(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     THEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     accepted: int
     next_token: int
@@ -52,7 +55,8 @@ class Verdict(_message.Message):
     path: _containers.RepeatedScalarFieldContainer[int]
     tree_nodes: int
     then_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sequence_id: _Optional[int] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., k: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ..., then_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    taken: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_id: _Optional[int] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., k: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., tree_nodes: _Optional[int] = ..., then_tokens: _Optional[_Iterable[int]] = ..., taken: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("sequence_id",)
@@ -61,10 +65,24 @@ class Stop(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ...) -> None: ...
 
 class DrafterMessage(_message.Message):
-    __slots__ = ("draft",)
+    __slots__ = ("draft", "speculation")
     DRAFT_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
     draft: Draft
-    def __init__(self, draft: _Optional[_Union[Draft, _Mapping]] = ...) -> None: ...
+    speculation: Speculation
+    def __init__(self, draft: _Optional[_Union[Draft, _Mapping]] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ...) -> None: ...
+
+class Speculation(_message.Message):
+    __slots__ = ("sequence_id", "context_length", "last_token", "draft")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    context_length: int
+    last_token: int
+    draft: Draft
+    def __init__(self, sequence_id: _Optional[int] = ..., context_length: _Optional[int] = ..., last_token: _Optional[int] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("sequence_id", "tokens", "q", "weight_version", "unknown_sequence", "draft_seconds", "forward_passes", "parents")

@@ -1,0 +1,217 @@
+"""The verifier's speculation cache over real gRPC streams: drafts pushed ahead are taken with
+no round trip where their state comes, and nothing a push does (late, stale, twice for one
+key, wrong, after the sequence ended, from a drafter that dies) changes an output."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+
+from specserve.actors.convert import speculation_to_pb
+from specserve.actors.engine.drafters import Draft, DraftRequest, ModelDrafter
+from specserve.actors.engine.request import make_params
+
+from .drafting import DraftServerThread
+from .engine.tiny import build_model, family_config, hf_greedy, runner
+from .test_remote_drafting import NEW_TOKENS, PROMPTS, remote_engine
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = build_model(family_config("llama"), seed=0)
+    drafter = build_model(family_config("llama", layers=1), seed=1)
+    return target, drafter, [hf_greedy(target, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def pushing_server(model, drafter_cls=ModelDrafter) -> DraftServerThread:
+    return DraftServerThread(drafter_cls(runner(model, max_num_seqs=8), confidence_threshold=0.0), pipelined=True)
+
+
+VERIFY_S = 0.02  # a verify step's time: a large target's, which the drafter's pushes beat
+
+
+def slow_verifier(engine):
+    """The engine's target takes VERIFY_S per forward, as a large model would: the tiny test
+    target is as fast as its drafter, so no draft made ahead could be ready in time."""
+    forward = engine.target.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(VERIFY_S)
+        return forward(*args, **kwargs)
+    engine.target.forward = slow
+    return engine
+
+
+def generate(target, server, prompts=PROMPTS, **pool_kwargs):
+    engine, pool = remote_engine(target, [server], **pool_kwargs)
+    slow_verifier(engine)
+    try:
+        return engine.generate(prompts, make_params(max_tokens=NEW_TOKENS)), pool
+    finally:
+        pool.close()
+
+
+def test_drafts_pushed_ahead_are_taken_from_the_cache_and_output_equals_transformers(models):
+    """The target drafting for itself: every draft is accepted whole and the guessed token is
+    right, so after a sequence's first steps its drafts can come from the cache."""
+    target, _, want = models
+    server = pushing_server(target)
+    try:
+        results, pool = generate(target, server)
+    finally:
+        server.stop()
+    assert [r.token_ids for r in results] == want
+    assert server.worker.pushes_sent > 0 and pool.pushes > 0
+    assert pool.cache_hits > 0
+
+
+def test_without_the_cache_nothing_is_pushed_and_output_is_the_same(models):
+    target, _, want = models
+    server = pushing_server(target)
+    try:
+        results, pool = generate(target, server, speculation_cache=False)
+    finally:
+        server.stop()
+    assert [r.token_ids for r in results] == want
+    assert server.worker.pushes_sent == 0 and pool.cache_hits == 0
+
+
+class HostilePushes(ModelDrafter):
+    """Pushes its real drafts, then for each: the same key again with wrong tokens (the later
+    push for a key wins), a push for an older state, and one for a state that cannot come."""
+
+    def take_pushes(self):
+        out = []
+        for seq_id, length, last, draft in super().take_pushes():
+            wrong = Draft([(t + 1) % 96 for t in draft.tokens], requested=draft.requested)
+            out += [(seq_id, length, last, draft), (seq_id, length, last, wrong),
+                    (seq_id, length - 3, last, draft), (seq_id, length, (last + 7) % 96, wrong)]
+        return out
+
+
+def test_wrong_duplicate_and_stale_pushes_change_no_output(models):
+    target, drafter, want = models
+    server = pushing_server(target, HostilePushes)
+    try:
+        results, pool = generate(target, server)
+    finally:
+        server.stop()
+    assert [r.token_ids for r in results] == want
+    assert pool.cache_hits > 0  # wrong drafts were taken (the duplicates won) and rejected
+    assert pool.stale_pushes > 0
+
+
+def test_a_late_push_and_a_push_after_the_sequence_ended_are_dropped(models):
+    target, drafter, _ = models
+    server = pushing_server(drafter)
+    engine, pool = remote_engine(target, [server])
+    try:
+        pool.start(0, PROMPTS[3], make_params(max_tokens=64))
+        pool.local_drafts([DraftRequest(0, 2)])
+        pool.propose([DraftRequest(0, 2)])  # attaches the sequence to the drafter
+        link = pool.remote[0].link
+        context = pool.seqs[0].context
+        late = speculation_to_pb(0, len(context), context[-1], Draft([5, 6]), "v0", 0.0).speculation
+        pool._on_speculation(link, late)  # for the state drafts were just decided at
+        assert pool.stale_pushes == 1 and not pool.remote[0].cache
+        pool.stop(0)
+        pool._on_speculation(link, late)  # the sequence ended: ignored
+        assert pool.pushes == 1
+    finally:
+        pool.close()
+        server.stop()
+
+
+def test_a_drafter_killed_while_pushing_loses_no_request(models):
+    target, _, want = models
+    server = pushing_server(target)
+    engine, pool = remote_engine(target, [server], deadline_s=0.5)
+    slow_verifier(engine)
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(
+        out=engine.generate(PROMPTS * 2, make_params(max_tokens=NEW_TOKENS))))
+    try:
+        worker.start()
+        end = time.monotonic() + 30
+        while server.worker.pushes_sent < 3 and time.monotonic() < end:
+            time.sleep(0.005)
+        server.stop()  # mid-generation, pushes in flight
+        worker.join(120)
+    finally:
+        pool.close()
+    assert server.worker.pushes_sent >= 3
+    assert [r.token_ids for r in results["out"]] == want * 2
+
+
+# -- sampling through the cache keeps the target's distribution ------------------------------------
+
+VOCAB, N, PROMPT = 8, 3000, [1, 5, 2]
+
+
+def tiny_pair():
+    from .engine.test_sampling_lossless import tiny_llama
+
+    return tiny_llama(0, 2), tiny_llama(1, 1)
+
+
+def cached_samples(point_mass_q: bool = False) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """First two tokens of N seeded sampled requests drafted through a pushing draft server,
+    the drafts taken from the cache, and the target's exact marginals of those two tokens."""
+    from specserve.actors.engine.draft_length import DraftLengthConfig
+    from specserve.actors.engine.engine import SpeculativeEngine
+    from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+    from specserve.actors.remote_drafter import RemoteDrafterPool
+
+    from .engine.test_sampling_lossless import exact_marginals
+
+    target, drafter = tiny_pair()
+    rc = RunnerConfig(max_num_seqs=128, max_seq_len=32, dtype=torch.float64, lean=True)
+    server = DraftServerThread(ModelDrafter(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0),
+                               pipelined=True)
+    pool = RemoteDrafterPool(lambda: [server.endpoint], VOCAB, deadline_s=5.0)
+    if point_mass_q:  # the bug the test must catch: a cached draft verified against a q it was not drawn from
+        take = pool._from_cache
+
+        def wrong_q(r):
+            draft = take(r)
+            if draft is not None and draft.q_ids is not None:
+                draft.q_ids, draft.q_probs = torch.tensor(draft.tokens).view(-1, 1), torch.ones(len(draft.tokens), 1)
+            return draft
+        pool._from_cache = wrong_q
+    try:
+        engine = slow_verifier(SpeculativeEngine(ModelRunner(copy.deepcopy(target), rc), None, pool,
+                                                 DraftLengthConfig(k_max=2, fixed_k=2)))
+        results = engine.generate([PROMPT] * N, [make_params(seed=i, temperature=1.0, max_tokens=3) for i in range(N)])
+    finally:
+        pool.close()
+        server.stop()
+    first, second = exact_marginals(target, PROMPT)
+    return torch.tensor([r.token_ids for r in results]), pool.cache_hits, first, second
+
+
+def tv(samples: torch.Tensor, exact: torch.Tensor) -> float:
+    emp = torch.bincount(samples, minlength=VOCAB).double() / len(samples)
+    return 0.5 * float((emp - exact).abs().sum())
+
+
+@pytest.mark.slow
+def test_sampling_through_the_speculation_cache_keeps_the_targets_distribution():
+    from .engine.test_sampling_lossless import tv_bound
+
+    samples, hits, first, second = cached_samples()
+    assert hits >= N // 10  # the second token's drafts came from the cache often
+    assert tv(samples[:, 0], first) < tv_bound(VOCAB, N)
+    assert tv(samples[:, 1], second) < tv_bound(VOCAB, N)
+
+
+@pytest.mark.slow
+def test_the_distribution_check_catches_a_cached_draft_verified_against_the_wrong_q():
+    from .engine.test_sampling_lossless import tv_bound
+
+    samples, hits, first, second = cached_samples(point_mass_q=True)
+    assert hits >= N // 10
+    assert max(tv(samples[:, 0], first), tv(samples[:, 1], second)) > tv_bound(VOCAB, N)
