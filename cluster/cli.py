@@ -81,6 +81,11 @@ def _bench(args: argparse.Namespace) -> int:
         args.out = args.out or "runs/bench_serving.json"
         return bench_serving_main(args)
     set_threads(args.threads)
+    if args.suffix:
+        from specserve.cluster.bench_suffix import bench_suffix_main
+
+        args.out = args.out or "runs/bench_suffix.json"
+        return bench_suffix_main(args)
     if args.trees:
         from specserve.cluster.bench_trees import bench_trees_main
 
@@ -155,6 +160,10 @@ def _add_bench(sub) -> None:
                    help="--serving: the speculative variants' drafter")
     p.add_argument("--trees", action="store_true",
                    help="token trees vs chains at the same verify budget (in-process, demo pair)")
+    p.add_argument("--suffix", action="store_true",
+                   help="the suffix drafter against prompt lookup alone on repeated traffic (in-process, demo pair)")
+    p.add_argument("--functions", type=int, default=6, help="--suffix: functions requested in every round")
+    p.add_argument("--repeats", type=int, default=3, help="--suffix: rounds (each function once per round)")
     p.add_argument("--budgets", default="4,8,16", help="--trees: draft positions verified per step")
     p.add_argument("--branching", type=int, default=3,
                    help="--trees: most children per tree node (default: what serving uses, TreeDrafter's)")

@@ -276,6 +276,11 @@ class SuffixIndex:
         while self.finished and self.finished[0].added_at < horizon:
             self._evict_oldest()
 
+    def forget_finished(self) -> None:
+        """Empty the global store."""
+        while self.finished:
+            self._evict_oldest()
+
     def _evict_oldest(self) -> None:
         entry = self.finished.popleft()
         self.store.remove_stream(entry.tokens)
@@ -289,9 +294,10 @@ class SuffixIndex:
 
     # -- what comes out ---------------------------------------------------------------------------
 
-    def _tables(self, seq_id: int) -> list[NgramTables]:
+    def _tables(self, seq_id: int, shared: bool = True) -> list[NgramTables]:
         live = self.live.get(seq_id)
-        return [self.store] if live is None else [self.store, live.tables]
+        own = [] if live is None else [live.tables]
+        return [self.store] + own if shared else own
 
     def match(self, seq_id: int, tokens: list[int]) -> Match:
         """The longest match of `tokens` in the sequence's own indexed context and the global
@@ -302,14 +308,15 @@ class SuffixIndex:
         values = [v for tab in tables if (v := tab.get(n, key)) is not None] if n else []
         return Match(n, merged_counts(values))
 
-    def draft(self, seq_id: int, context: list[int], k: int) -> list[int]:
+    def draft(self, seq_id: int, context: list[int], k: int, shared: bool = True) -> list[int]:
         """Up to k draft tokens after `context` (module docstring); [] where the match is shorter
-        than min_match. Indexes the context first (`sync`)."""
+        than min_match. Indexes the context first (`sync`). `shared` False: from the sequence's
+        own context only (a seeded request, whose output must not depend on other traffic)."""
         cfg = self.cfg
         if k <= 0 or cfg.min_match == 0:
             return []
         self.sync(seq_id, context)
-        tables, depth = self._tables(seq_id), min(cfg.max_match, len(context))
+        tables, depth = self._tables(seq_id, shared), min(cfg.max_match, len(context))
         key = tail_key(context, len(context), depth)
         n = longest(tables, key, depth)
         if n < cfg.min_match or n == 0:

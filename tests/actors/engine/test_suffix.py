@@ -202,3 +202,41 @@ def test_the_chain_stops_where_the_continuation_is_uncertain():
     index.add_finished([1, 2, 3, 5])
     # 4 and 5 now tie at 2 of 4: the latest (5) is chosen, at product 0.5; nothing followed 5
     assert index.draft(2, [9, 1, 2], 8) == [3, 5]
+
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(target, drafter model, a prompt, the target's greedy continuation of it)."""
+    target = build_model(family_config("llama"), seed=0)
+    prompt = [3, 41, 9, 88, 17, 5]
+    return target, build_model(family_config("llama", layers=1), seed=1), prompt, hf_greedy(target, prompt, NEW_TOKENS)
+
+
+def _served_twice(target, drafter, prompt, want):
+    """Serve `prompt`, then a request that continues it (its prompt: prompt + 4 output tokens);
+    returns the second result, checked against the target's own greedy output."""
+    engine = always_drafting_engine(runner(target), drafter, 4)
+    [first] = engine.generate([prompt], make_params(max_tokens=NEW_TOKENS))
+    [second] = engine.generate([prompt + want[:4]], make_params(max_tokens=16))
+    assert first.token_ids == want and second.token_ids == want[4:20]
+    return second
+
+
+def test_greedy_output_is_the_targets_own_with_suffix_drafts_from_an_earlier_request(pair):
+    target, _, prompt, want = pair
+    shared = _served_twice(target, NgramDrafter(), prompt, want)
+    alone = _served_twice(target, NgramDrafter(SuffixConfig(max_tokens=0)), prompt, want)
+    assert shared.stats.accepted >= 12  # drafted from the finished request: nearly all accepted
+    assert shared.stats.accepted > alone.stats.accepted  # ... which its own context could not give
+
+
+def test_greedy_output_is_the_targets_own_with_suffix_lookup_in_the_model_drafter(pair):
+    from specserve.actors.engine.drafters import ModelDrafter
+
+    target, drafter_model, prompt, want = pair
+    drafter = ModelDrafter(runner(drafter_model), confidence_threshold=0.0, lookup_min_n=1)
+    _served_twice(target, drafter, prompt, want)
+    assert drafter.lookup_drafts > 0 and drafter.chain_lookup.store_tokens > 0
