@@ -187,10 +187,15 @@ class RemoteDrafterPool(BaseDrafter):
             rs = self.remote.pop(seq_id, None)
             if rs is not None and rs.link is not None:
                 rs.link.send(stop_pb(seq_id))
-            st = self.seqs.get(seq_id)
-            if self.lookup is not None and st is not None:
-                self.lookup.finish(seq_id, st.context)  # the next similar request drafts from it
+            if self.lookup is not None:
+                self.lookup.drop(seq_id)
             super().stop(seq_id)
+
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        """The request's tokens join the suffix index: the next similar request drafts from them."""
+        with self._cond:
+            if self.lookup is not None:
+                self.lookup.finish(seq_id, tokens)
 
     def add_finished(self, tokens: list[int]) -> None:
         """A request finished elsewhere (another replica): its token ids join the suffix index."""

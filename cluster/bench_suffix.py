@@ -51,7 +51,7 @@ class LookupOnly:
     def drop(self, seq_id: int) -> None:
         self.lookup.drop(seq_id)
 
-    def finish(self, seq_id: int, context: list[int] | None = None) -> None:
+    def finish(self, seq_id: int, tokens: list[int] | None = None) -> None:
         self.lookup.drop(seq_id)
 
 

@@ -106,6 +106,10 @@ class BaseDrafter:
         """Forget a finished sequence."""
         self.seqs.pop(seq_id, None)
 
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        """The sequence ended with `tokens` (prompt + output), before `stop`: drafters that learn
+        from traffic (a suffix index) keep them; others need nothing."""
+
     def has_ahead_work(self) -> bool:
         """Whether `draft_ahead` has something useful to do (pipelined drafting)."""
         return False
@@ -212,11 +216,12 @@ class NgramDrafter(BaseDrafter):
         super().start(seq_id, prompt_ids, params)
         self.lookup.drop(seq_id)
 
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        self.lookup.finish(seq_id, tokens)
+
     def stop(self, seq_id: int) -> None:
-        st = self.seqs.get(seq_id)
-        if st is not None:
-            self.lookup.finish(seq_id, st.context)
         super().stop(seq_id)
+        self.lookup.drop(seq_id)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         drafts = []
@@ -318,15 +323,17 @@ class ModelDrafter(BaseDrafter):
             st.fed = len(prompt_ids) - 1
 
     def stop(self, seq_id: int) -> None:
-        """Free the sequence's cache slot; its tokens join the suffix index's finished ones."""
         st = self.seqs.get(seq_id)
         if st is not None:
             self.runner.free(st.slot)
-            if self.chain_lookup is not None:
-                self.chain_lookup.finish(seq_id, st.context)
-        if self.ahead_index is not None:
-            self.ahead_index.drop(seq_id)
+        for index in (self.chain_lookup, self.ahead_index):
+            if index is not None:
+                index.drop(seq_id)
         super().stop(seq_id)
+
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        if self.chain_lookup is not None:
+            self.chain_lookup.finish(seq_id, tokens)
 
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         st = self.seqs[seq_id]
