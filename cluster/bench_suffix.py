@@ -9,6 +9,8 @@ interleaved request by request in one process, each with its own engine:
   plain               the target alone (k = 0)
   ngram-lookup        prompt lookup alone: the latest continuation of the last 1-4 tokens in the
                       request's own context (the drafter before the suffix index)
+  ngram-suffix-own    the suffix index over the request's own context only (no global store):
+                      what the drafting rule alone changes
   ngram-suffix        the suffix index: own context and the requests this engine finished before
   model-lookup        the model drafter with prompt lookup where the last token repeats (the
                       verifier's local drafter before the suffix index, with the replicas' model)
@@ -31,9 +33,10 @@ from specserve.actors.engine.build import EngineSpec, build_engine
 from specserve.actors.engine.drafters import PromptLookup
 from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
+from specserve.actors.engine.suffix import SuffixConfig
 from specserve.cluster.reporting import text_table, write_report
 
-MODES = ("plain", "ngram-lookup", "ngram-suffix", "model-lookup", "model-suffix")
+MODES = ("plain", "ngram-lookup", "ngram-suffix-own", "ngram-suffix", "model-lookup", "model-suffix")
 HEADERS = ("# helper, as in the module\n", "# same function, second request\n", "# rewritten on request\n",
            "# again: keep the behaviour\n")
 
@@ -94,8 +97,9 @@ class Totals:
 
 def _engine(mode: str, k_max: int):
     kind = "none" if mode == "plain" else mode.split("-")[0]
+    suffix = SuffixConfig(max_tokens=0) if mode.endswith("-own") else SuffixConfig()
     spec = EngineSpec(demo_path("target"), kind, demo_path("drafter") if kind == "model" else None,
-                      max_num_seqs=2, k_max=k_max)
+                      max_num_seqs=2, k_max=k_max, suffix=suffix)
     engine = build_engine(spec)
     if mode.endswith("lookup"):
         if kind == "ngram":
@@ -165,7 +169,7 @@ def format_table(report: dict) -> str:
     head = ["mode", "tok/s", "speedup", "accept", "acc/token", "tok/s r2+", "speedup r2+", "accept r2+",
             "acc/tok r2+", "=plain"]
     rows = {r["mode"]: r for r in report["rows"]}
-    lines = [text_table(report["rows"], cols, head, 11)]
+    lines = [text_table(report["rows"], cols, head, 16)]
     for kind in ("ngram", "model"):
         s, p = rows[f"{kind}-suffix"], rows[f"{kind}-lookup"]
         lines.append(f"{kind}: suffix / lookup tokens/s = {s['tokens_per_s_all'] / p['tokens_per_s_all']:.3f} (all), "

@@ -15,10 +15,12 @@ A draft is a chain: at each step the continuation with the highest count (ties: 
 appended and the match is taken again over context + draft; the chain stops when the product of
 each step's empirical probability (count of the chosen / all occurrences of the match) falls below
 `min_prob`, or at `spec_factor * match length` tokens (a longer match drafts further), or at k.
-Prompt lookup is the special case with no global store, max_match 4 and min_prob 0.
+Prompt lookup is the special case with no global store, max_match 4, min_prob 0 and no length
+limit, except that it copies the latest occurrence's continuation where this takes the most
+frequent one.
 
 The data structure: per n in 1..max_match, a hash table from an n-gram to its continuation
-counts (hashed n-grams rather than a trie: one dict lookup per level and no node objects). An
+counts (flat n-gram tables rather than a trie: one dict lookup per level, no node objects). An
 n-gram's key is exact, not a hash: its tokens (+1) packed KEY_BITS apiece into one int, the last
 token lowest, so the key of a stream's last n tokens is the key of its last max_match tokens
 masked to its low n * KEY_BITS bits, and appending a token is a shift. Indexing a token costs
@@ -48,11 +50,17 @@ _COUNT_SHIFT = STAMP_BITS + TOKEN_BITS
 class SuffixConfig:
     """Knobs of the suffix index; the defaults need no tuning (see cluster/config.py)."""
 
-    max_match: int = 16  # longest suffix matched (SuffixDecoding's tree depth; 24 in its reference code)
+    # longest suffix matched: past 16 tokens a match is nearly always a copy already (and
+    # spec_factor * 4 reaches k_max 8), while each level costs an entry per indexed token
+    max_match: int = 16
     min_match: int = 1  # draft only where the match is at least this long (prompt lookup's n); 0: never
-    spec_factor: float = 2.0  # draft at most spec_factor * match length tokens
-    min_prob: float = 0.1  # stop the chain where the product of step probabilities falls below this
-    max_tokens: int = 65536  # tokens of finished sequences the global store holds (0: no global store)
+    # a draft is at most spec_factor * match length long: SuffixDecoding's alpha (1-4 in its paper);
+    # 2 lets a 1-token match draft 2 and a 4-token match fill k_max 8
+    spec_factor: float = 2.0
+    min_prob: float = 0.1  # stop the chain where the product of step probabilities falls below this (SuffixDecoding's)
+    # tokens of finished sequences the global store holds (0: none): ~2.1 KB each measured on
+    # Python sources at max_match 16, so ~70 MB; 128 requests of 256 tokens
+    max_tokens: int = 32768
     max_age_s: float = 3600.0  # finished sequences older than this leave the global store
 
     def __post_init__(self):
