@@ -99,11 +99,45 @@ def tail_key(tokens: list[int], end: int, depth: int) -> int:
     return key
 
 
+class Continuations:
+    """An n-gram's continuation counts once it has more than one continuation token: {token:
+    count << STAMP_BITS | stamp}, their total count, and the best token (highest count, latest
+    among equals: the highest packed value), kept up to date so a draft step costs O(1)."""
+
+    __slots__ = ("packed", "total", "best")
+
+    def __init__(self, packed: dict[int, int]):
+        self.packed = packed
+        self.total = sum(v >> STAMP_BITS for v in packed.values())
+        self.best = max(packed, key=packed.__getitem__)
+
+    def add(self, x: int, stamp: int) -> bool:
+        """One more occurrence of `x` (the latest); whether `x` is new here."""
+        old = self.packed.get(x)
+        packed = self.packed[x] = ((0 if old is None else old >> STAMP_BITS) + 1) << STAMP_BITS | stamp
+        self.total += 1
+        if packed > self.packed[self.best]:
+            self.best = x
+        return old is None
+
+    def remove(self, x: int) -> bool:
+        """One occurrence of `x` fewer (the oldest: the stamps kept stay right); whether `x` left."""
+        gone = self.packed[x] >> STAMP_BITS == 1
+        if gone:
+            del self.packed[x]
+        else:
+            self.packed[x] -= 1 << STAMP_BITS
+        self.total -= 1
+        if x == self.best:  # only here can another token have become the best: find it
+            self.best = max(self.packed, key=self.packed.__getitem__)
+        return gone
+
+
 class NgramTables:
     """Continuation counts of every n-gram (n = 1..depth) of the streams indexed into it.
 
     A value is a packed int `(count << STAMP_BITS | stamp) << TOKEN_BITS | token` while the n-gram
-    has one continuation token, else a dict {token: count << STAMP_BITS | stamp}.
+    has one continuation token (most deep n-grams), else its `Continuations`.
     """
 
     def __init__(self, depth: int):
@@ -119,37 +153,29 @@ class NgramTables:
             if v is None:
                 table[k] = (1 << STAMP_BITS | stamp) << TOKEN_BITS | x
                 self.entries += 1
-            elif type(v) is int:
-                if v & _TOKEN_MASK == x:
-                    table[k] = ((v >> _COUNT_SHIFT) + 1 << STAMP_BITS | stamp) << TOKEN_BITS | x
-                else:
-                    table[k] = {v & _TOKEN_MASK: v >> TOKEN_BITS, x: 1 << STAMP_BITS | stamp}
-                    self.entries += 1
+            elif type(v) is not int:
+                self.entries += v.add(x, stamp)
+            elif v & _TOKEN_MASK == x:
+                table[k] = ((v >> _COUNT_SHIFT) + 1 << STAMP_BITS | stamp) << TOKEN_BITS | x
             else:
-                old = v.get(x)
-                v[x] = ((0 if old is None else old >> STAMP_BITS) + 1) << STAMP_BITS | stamp
-                self.entries += old is None
+                table[k] = Continuations({v & _TOKEN_MASK: v >> TOKEN_BITS, x: 1 << STAMP_BITS | stamp})
+                self.entries += 1
 
     def remove(self, key: int, levels: int, x: int) -> None:
-        """Forget the oldest indexed occurrence of continuation `x` after those n-grams (the
-        stamps kept are the latest occurrences': those stay)."""
+        """Forget the oldest indexed occurrence of continuation `x` after those n-grams."""
         for n in range(1, levels + 1):
             table, k = self.tables[n - 1], key & _MASKS[n]
             v = table[k]
-            if type(v) is int:
-                if v >> _COUNT_SHIFT == 1:
-                    del table[k]
-                    self.entries -= 1
-                else:
-                    table[k] = v - (1 << _COUNT_SHIFT)
-            elif v[x] >> STAMP_BITS == 1:
-                del v[x]
-                self.entries -= 1
-                if len(v) == 1:
-                    [(tok, packed)] = v.items()
+            if type(v) is not int:
+                self.entries -= v.remove(x)
+                if len(v.packed) == 1:
+                    [(tok, packed)] = v.packed.items()
                     table[k] = packed << TOKEN_BITS | tok
+            elif v >> _COUNT_SHIFT == 1:
+                del table[k]
+                self.entries -= 1
             else:
-                v[x] -= 1 << STAMP_BITS
+                table[k] = v - (1 << _COUNT_SHIFT)
 
     def add_stream(self, tokens: list[int], start: int, stamps) -> None:
         """Index the occurrences at positions start.. of `tokens` (position 0 has no n-gram)."""
@@ -182,26 +208,50 @@ def longest(tables: list[NgramTables], key: int, top: int) -> int:
     return 0
 
 
+def _items(v) -> list[tuple[int, int]] | dict:
+    """(token, count << STAMP_BITS | stamp) pairs of a raw table value."""
+    return [(v & _TOKEN_MASK, v >> TOKEN_BITS)] if type(v) is int else v.packed.items()
+
+
 def merged_counts(values: list) -> dict[int, tuple[int, int]]:
     """One n-gram's raw values from several tables as {token: (count, latest stamp)}."""
     out: dict[int, tuple[int, int]] = {}
     for v in values:
-        items = [(v & _TOKEN_MASK, v >> TOKEN_BITS)] if type(v) is int else v.items()
-        for tok, packed in items:
+        for tok, packed in _items(v):
             c, s = packed >> STAMP_BITS, packed & _STAMP_MASK
             old = out.get(tok)
             out[tok] = (c, s) if old is None else (old[0] + c, max(old[1], s))
     return out
 
 
+def _best_and_total(v) -> tuple[int, int, int]:
+    """(best token, its packed count, total count) of one raw table value."""
+    if type(v) is int:
+        return v & _TOKEN_MASK, v >> TOKEN_BITS, v >> _COUNT_SHIFT
+    return v.best, v.packed[v.best], v.total
+
+
 def choose(values: list) -> tuple[int, float]:
-    """(the continuation with the highest count, latest among equals; its empirical probability)."""
-    first = values[0]
-    if all(type(v) is int and (v ^ first) & _TOKEN_MASK == 0 for v in values):
-        return first & _TOKEN_MASK, 1.0  # the common case: one continuation token seen, in every table
-    counts = merged_counts(values)
-    token = max(counts, key=lambda t: counts[t])
-    return token, counts[token][0] / sum(c for c, _ in counts.values())
+    """(the continuation with the highest count, latest among equals; its empirical probability)
+    over one n-gram's raw values from one or two tables (the global store, the own context).
+
+    Two tables: a token the smaller one lacks has its count in the larger one alone, so none
+    beats the larger one's best; only the smaller one's tokens and that best are candidates."""
+    if len(values) == 1:
+        token, packed, total = _best_and_total(values[0])
+        return token, (packed >> STAMP_BITS) / total
+    small, large = sorted(values, key=lambda v: 1 if type(v) is int else len(v.packed))
+    top, _, large_total = _best_and_total(large)
+    merged = merged_counts([small, large] if type(large) is int else [small, _subset(large, small, top)])
+    token = max(merged, key=merged.__getitem__)
+    return token, merged[token][0] / (_best_and_total(small)[2] + large_total)
+
+
+def _subset(large: Continuations, small, top: int) -> int | Continuations:
+    """The part of `large` that can hold the merged best: the tokens of `small`, and its own best."""
+    keep = {tok: large.packed[tok] for tok, _ in _items(small) if tok in large.packed}
+    keep[top] = large.packed[top]
+    return Continuations(keep) if len(keep) > 1 else keep[top] << TOKEN_BITS | top
 
 
 def _extends(context: list[int], indexed: list[int]) -> bool:
