@@ -15,8 +15,8 @@ interleaved request by request in one process, each with its own engine:
   model-lookup        the model drafter with prompt lookup where the last token repeats (the
                       verifier's local drafter before the suffix index, with the replicas' model)
   model-suffix        the same with the suffix index instead (the default)
-Rows give tokens/s, the speedup over plain, acceptance and the share of steps drafted by lookup,
-over all rounds and over the rounds after the first (where earlier traffic can help).
+Rows give tokens/s, the speedup over plain and acceptance over all rounds, the first round and the
+rounds after it (where the same requests were served before), and accepted drafts per token.
 """
 
 from __future__ import annotations
@@ -84,14 +84,17 @@ def workload(tokenizer, functions: int, repeats: int, seed: int) -> list[tuple[i
     return [(r, tokenizer(HEADERS[r % len(HEADERS)] + t)["input_ids"]) for r in range(repeats) for t in texts]
 
 
+SPANS = ("all", "first", "later")  # every round; the first round; the rounds after it
+
+
 @dataclass
 class Totals:
-    """What one mode accumulated, over all rounds and after the first."""
+    """What one mode accumulated in each span (SPANS)."""
 
-    tokens: list[int] = field(default_factory=lambda: [0, 0])
-    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    drafted: list[int] = field(default_factory=lambda: [0, 0])
-    accepted: list[int] = field(default_factory=lambda: [0, 0])
+    tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    drafted: list[int] = field(default_factory=lambda: [0, 0, 0])
+    accepted: list[int] = field(default_factory=lambda: [0, 0, 0])
     outputs: list = field(default_factory=list)
 
 
@@ -113,7 +116,7 @@ def _run(engine, prompt: list[int], params, totals: Totals, later: bool) -> None
     start = time.perf_counter()
     [res] = engine.generate([prompt], params)
     elapsed = time.perf_counter() - start
-    for i in {0, int(later)}:  # 0: all rounds; 1: the rounds after the first
+    for i in (0, 2 if later else 1):
         totals.tokens[i] += len(res.token_ids)
         totals.seconds[i] += elapsed
         totals.drafted[i] += res.stats.drafted
@@ -152,7 +155,7 @@ def _rows(totals: dict[str, Totals], lookups: dict) -> list[dict]:
         row = {"mode": mode, "tokens": t.tokens[0],
                "matches_plain": sum(a == b for a, b in zip(t.outputs, plain.outputs)) / max(len(plain.outputs), 1),
                "model_lookup_drafts": lookups[mode]}
-        for i, tag in ((0, "all"), (1, "later")):
+        for i, tag in enumerate(SPANS):
             tps = t.tokens[i] / t.seconds[i] if t.seconds[i] else 0.0
             row[f"tokens_per_s_{tag}"] = round(tps, 2)
             row[f"speedup_{tag}"] = round(tps / (plain.tokens[i] / plain.seconds[i]), 3) if plain.seconds[i] else None
@@ -164,16 +167,17 @@ def _rows(totals: dict[str, Totals], lookups: dict) -> list[dict]:
 
 def format_table(report: dict) -> str:
     """The rows as a fixed-width text table, with the suffix/lookup ratios under it."""
-    cols = ["mode", "tokens_per_s_all", "speedup_all", "acceptance_all", "accepted_per_token_all",
-            "tokens_per_s_later", "speedup_later", "acceptance_later", "accepted_per_token_later", "matches_plain"]
-    head = ["mode", "tok/s", "speedup", "accept", "acc/token", "tok/s r2+", "speedup r2+", "accept r2+",
-            "acc/tok r2+", "=plain"]
+    cols = ["mode"] + [f"{m}_{span}" for span in SPANS for m in ("tokens_per_s", "speedup", "acceptance")] \
+        + ["accepted_per_token_all", "matches_plain"]
+    head = ["mode"] + [f"{m}{tag}" for tag in ("", " r1", " r2+") for m in ("tok/s", "speedup", "accept")] \
+        + ["acc/token", "=plain"]
     rows = {r["mode"]: r for r in report["rows"]}
-    lines = [text_table(report["rows"], cols, head, 16)]
+    lines = [text_table(report["rows"], cols, head, 12)]
     for kind in ("ngram", "model"):
         s, p = rows[f"{kind}-suffix"], rows[f"{kind}-lookup"]
-        lines.append(f"{kind}: suffix / lookup tokens/s = {s['tokens_per_s_all'] / p['tokens_per_s_all']:.3f} (all), "
-                     f"{s['tokens_per_s_later'] / p['tokens_per_s_later']:.3f} (rounds 2+)")
+        ratios = ", ".join(f"{s[f'tokens_per_s_{span}'] / p[f'tokens_per_s_{span}']:.3f} ({span})" for span in SPANS
+                           if p[f"tokens_per_s_{span}"])
+        lines.append(f"{kind}: suffix / lookup tokens/s = {ratios}")
     return "\n".join(lines)
 
 

@@ -129,8 +129,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--fixed-k", type=int, default=None,
                    help="draft exactly this many tokens every step instead of the cost model's choice (in-process)")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                   help="the model drafter drafts by prompt lookup where the last N tokens repeat "
-                        "(in-process; default 1, 0 = the model drafts everything)")
+                   help="the model drafter drafts by suffix lookup where the last N tokens occurred before, "
+                        "in the request or an earlier one (in-process; default 1, 0 = the model drafts everything)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one is fastest for the small demo models at batch 1)")

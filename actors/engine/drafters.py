@@ -241,7 +241,6 @@ AHEAD_EMA = 0.05  # decay of the hit counts per verdict on work drafted ahead (~
 # and the last draft when the whole draft was accepted. More means the drafter is catching up on
 # steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
 CATCH_UP_TOKENS = 2
-LOOKUP_MAX_N = 4  # longest suffix n-gram prompt lookup matches
 
 
 class ModelDrafter(BaseDrafter):
