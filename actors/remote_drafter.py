@@ -19,9 +19,11 @@ multiplexed by sequence id). A drafter can only cost speed:
 - while a drafter prefills a sequence attached less than PREFILL_GRACE_S ago, its other
   sequences' drafts may wait behind that prefill: a late one is neither a rejected draft nor a
   miss, and a timely one's wait is no sample of the round trip.
-Prompt lookup (`lookup_min_n` > 0) needs no model, so the pool does it itself: where a
-sequence's last `lookup_min_n` or more tokens occurred before in it, its draft is what followed
-them then, with no round trip, and its drafter is not asked this step. The tokens the verifier
+Suffix lookup (`lookup_min_n` > 0; actors/engine/suffix.py, prompt lookup its special case)
+needs no model, so the pool does it itself: where a sequence's last `lookup_min_n` or more
+tokens occurred before in it or in the sequences this verifier finished (`add_finished` takes
+those of other replicas too), its draft is what most often followed them, with no round trip,
+and its drafter is not asked this step. The tokens the verifier
 kept of such a draft reach the drafter with its next request, like those of steps without
 speculation: all of them in one Verdict (`then_tokens`).
 Nothing a drafter does changes what the verifier emits: drafts are only ever proposals.
@@ -41,9 +43,10 @@ import grpc
 
 from specserve.actors.convert import draft_from_pb, start_pb, stop_pb, verdict_pb
 from specserve.actors.engine.drafters import (
-    LOOKUP_MAX_N, BaseDrafter, Draft, DraftRequest, PromptLookup, lookup_draft,
+    BaseDrafter, Draft, DraftRequest, lookup_draft, suffix_draft, suffix_lookup,
 )
 from specserve.actors.engine.request import SamplingParams
+from specserve.actors.engine.suffix import SuffixConfig
 from specserve.actors.security import TlsFiles, secure_channel
 from specserve.v1 import drafting_pb2_grpc
 
@@ -137,15 +140,15 @@ class RemoteDrafterPool(BaseDrafter):
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
                  tls: TlsFiles | None = None, catch_up_wait: int = 16, lookup_min_n: int = 0,
-                 speculation_cache: bool = True):
+                 suffix: SuffixConfig | None = None, speculation_cache: bool = True):
         super().__init__()
         self.speculation_cache = speculation_cache  # ask drafters to push drafts ahead (Start.push)
         self.cache_hits = 0  # drafts taken from the speculation cache (no round trip)
         self.pushes = 0  # Speculations received
         self.stale_pushes = 0  # ... that came for a state already decided (late, or a verdict ruled them out)
         self.waits: collections.deque = collections.deque(maxlen=4096)  # seconds propose waited for remote drafts
-        self.lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
-        self.lookup_drafts = 0  # drafts the pool made itself by prompt lookup
+        self.lookup = suffix_lookup(lookup_min_n, suffix)
+        self.lookup_drafts = 0  # drafts the pool made itself by suffix lookup
         self._local: dict[int, Draft] | None = None  # this step's lookup drafts (local_drafts), for propose
         self.endpoints = endpoints
         self.vocab_size = vocab_size
@@ -197,6 +200,18 @@ class RemoteDrafterPool(BaseDrafter):
                 self.lookup.drop(seq_id)
             super().stop(seq_id)
 
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        """The request's tokens join the suffix index: the next similar request drafts from them."""
+        with self._cond:
+            if self.lookup is not None:
+                self.lookup.finish(seq_id, tokens)
+
+    def add_finished(self, tokens: list[int]) -> None:
+        """A request finished elsewhere (another replica): its token ids join the suffix index."""
+        with self._cond:
+            if self.lookup is not None:
+                self.lookup.add_finished(tokens)
+
     def local_drafts(self, reqs: list[DraftRequest]) -> dict[int, Draft]:
         """This step's drafts that need no round trip, by seq_id: prompt lookup, else a draft
         the drafter pushed for the state the sequence is in now; `propose` returns them."""
@@ -235,7 +250,7 @@ class RemoteDrafterPool(BaseDrafter):
         if self.lookup is None or r.k <= 0 or r.nodes > 0:
             return None
         st = self.seqs[r.seq_id]
-        tokens = self.lookup.continuation(r.seq_id, st.context, r.k)
+        tokens = suffix_draft(self.lookup, r.seq_id, st, r.k)
         if not tokens:
             return None
         rs = self.remote[r.seq_id]

@@ -10,6 +10,7 @@ import torch
 from specserve.actors.demo import demo_path
 from specserve.actors.engine.draft_length import PROMPT_LOOKUP
 from specserve.actors.engine.build import DRAFTER_KINDS
+from specserve.actors.engine.suffix import SuffixConfig
 from specserve.actors.engine.tap import TapConfig
 from specserve.actors.security import TlsFiles
 
@@ -57,7 +58,8 @@ class VerifierSettings:
     draft_deadline_ms: float = 50.0
     threads: int = 1  # torch CPU threads (the pool's num_cpus)
     tree_nodes: int = 0  # > 0: ask drafters for token trees of up to this many tokens
-    prompt_lookup: int = PROMPT_LOOKUP  # draft by prompt lookup here where the last this many tokens repeat (0: never)
+    prompt_lookup: int = PROMPT_LOOKUP  # draft by suffix lookup here where the last this many tokens repeat (0: never)
+    suffix: SuffixConfig = SuffixConfig()  # the suffix index's knobs (its min_match: prompt_lookup)
     kernels: str = "auto"  # kernels/dispatch.py backend
     tap: TapConfig = TapConfig()  # traffic recording for distillation (enabled: ship records to the hub)
     fixed_k: int | None = None  # draft exactly this many every step (no cost model)

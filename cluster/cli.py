@@ -81,6 +81,11 @@ def _bench(args: argparse.Namespace) -> int:
         args.out = args.out or "runs/bench_serving.json"
         return bench_serving_main(args)
     set_threads(args.threads)
+    if args.suffix:
+        from specserve.cluster.bench_suffix import bench_suffix_main
+
+        args.out = args.out or "runs/bench_suffix.json"
+        return bench_suffix_main(args)
     if args.trees:
         from specserve.cluster.bench_trees import bench_trees_main
 
@@ -127,8 +132,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--fixed-k", type=int, default=None,
                    help="draft exactly this many tokens every step instead of the cost model's choice (in-process)")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                   help="the model drafter drafts by prompt lookup where the last N tokens repeat "
-                        "(in-process; default 1, 0 = the model drafts everything)")
+                   help="the model drafter drafts by suffix lookup where the last N tokens occurred before, "
+                        "in the request or an earlier one (in-process; default 1, 0 = the model drafts everything)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (one is fastest for the small demo models at batch 1)")
@@ -158,6 +163,10 @@ def _add_bench(sub) -> None:
                    help="--serving: the speculative variants' drafter")
     p.add_argument("--trees", action="store_true",
                    help="token trees vs chains at the same verify budget (in-process, demo pair)")
+    p.add_argument("--suffix", action="store_true",
+                   help="the suffix drafter against prompt lookup alone on repeated traffic (in-process, demo pair)")
+    p.add_argument("--functions", type=int, default=6, help="--suffix: functions requested in every round")
+    p.add_argument("--repeats", type=int, default=3, help="--suffix: rounds (each function once per round)")
     p.add_argument("--budgets", default="4,8,16", help="--trees: draft positions verified per step")
     p.add_argument("--branching", type=int, default=3,
                    help="--trees: most children per tree node (default: what serving uses, TreeDrafter's)")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specserve.actors.engine.draft_length import FIXED_K_MAX, PROMPT_LOOKUP
+from specserve.actors.engine.suffix import SuffixConfig
 
 APP_NAME = "specserve"
 VERIFIER = "Verifier"
@@ -32,6 +33,8 @@ SERVICER_FUNCTIONS = [
 
 class ConfigError(ValueError):
     """The config file is missing, unreadable or invalid; the message names the field."""
+
+SUFFIX = SuffixConfig()  # the suffix index's defaults
 
 
 class Strict(BaseModel):
@@ -116,6 +119,13 @@ class DrafterPool(Placement):
 class SpeculationConfig(Strict):
     """How the verifier uses drafts."""
 
+    def suffix(self) -> SuffixConfig:
+        """The suffix index these settings describe (its min_match is prompt_lookup)."""
+        return SuffixConfig(max_match=max(self.suffix_max_match, self.prompt_lookup),
+                            min_match=self.prompt_lookup, spec_factor=self.suffix_spec_factor,
+                            min_prob=self.suffix_min_prob, max_tokens=self.suffix_max_tokens,
+                            max_age_s=self.suffix_max_age_s)
+
     k_max: int = Field(8, ge=1, le=32, description="Longest draft block.")
     confidence_threshold: float = Field(0.0, ge=0, le=1, description=(
         "Drafter stops a block when its top probability falls below this; 0 = never: the cost model "
@@ -130,10 +140,27 @@ class SpeculationConfig(Strict):
         "after its latest matching n-gram joins the tree where the drafter did not propose it, "
         "scored by its calibrated accept rate; 0 = none."))
     prompt_lookup: int = Field(PROMPT_LOOKUP, ge=0, le=8, description=(
-        "Drafts by prompt lookup where the sequence's last this many tokens (or more, up to 4) occurred "
-        "before in it: the tokens that followed them then. The verifier looks them up itself, with no "
-        "round trip and no model; the drafters draft everywhere else. 0 = the drafters draft everything "
-        "(a drafter much better than the demo one may want 2-3)."))
+        "Drafts by suffix lookup where the sequence's last this many tokens (or more, up to "
+        "suffix_max_match) occurred before, in it or in recently finished requests: the tokens that "
+        "most often followed them. The verifier looks them up itself, with no round trip and no model; "
+        "the drafters draft everywhere else. 0 = the drafters draft everything (a drafter much better "
+        "than the demo one may want 2-3)."))
+    suffix_max_match: int = Field(SUFFIX.max_match, ge=1, le=64, description=(
+        "Longest suffix of a sequence the suffix index matches (its n-gram depth): each indexed token "
+        "costs this many table entries, and a longer match lets a draft run further."))
+    suffix_spec_factor: float = Field(SUFFIX.spec_factor, gt=0, description=(
+        "A suffix-lookup draft is at most this many times as long as its match (and at most the "
+        "cost model's draft length): a match of a few tokens drafts a few, a long one drafts far."))
+    suffix_min_prob: float = Field(SUFFIX.min_prob, ge=0, le=1, description=(
+        "A suffix-lookup draft stops where the product of its tokens' empirical probabilities (how "
+        "often each followed the match) falls below this; SuffixDecoding's default."))
+    suffix_max_tokens: int = Field(SUFFIX.max_tokens, ge=0, description=(
+        "Tokens of finished requests each verifier keeps for suffix lookup, oldest evicted first "
+        "(memory: at most suffix_max_match table entries per token, ~2 KB per token measured on Python "
+        "sources at the defaults); "
+        "0 = only each request's own prompt and output."))
+    suffix_max_age_s: float = Field(SUFFIX.max_age_s, gt=0, description=(
+        "Finished requests older than this leave the suffix index (retention of served traffic)."))
     fixed_k: int | None = Field(None, ge=1, le=FIXED_K_MAX, description=(
         "Draft exactly this many tokens every step instead of the cost model's choice (the drafter's "
         "confidence stop still applies); for studies of drafter quality such as `bench --distill`."))

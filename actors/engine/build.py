@@ -11,6 +11,7 @@ from specserve.actors.engine.draft_length import PROMPT_LOOKUP, DraftLengthConfi
 from specserve.actors.engine.drafters import BaseDrafter, ModelDrafter, NgramDrafter
 from specserve.actors.engine.engine import SpeculativeEngine
 from specserve.actors.engine.runner import ModelRunner, RunnerConfig
+from specserve.actors.engine.suffix import SuffixConfig
 from specserve.actors.engine.tree_drafting import TreeDrafter
 from specserve.kernels.dispatch import Backend
 
@@ -37,6 +38,7 @@ class EngineSpec:
     fixed_k: int | None = None  # draft exactly this many tokens every step (no cost model)
     prompt_lookup: int = PROMPT_LOOKUP  # > 0: the model drafter drafts by prompt lookup where the last this many tokens repeat (0: never)
     ahead_lookup: int = 0  # > 0: the verifier looks up where this many tokens repeat: no drafting ahead there
+    suffix: SuffixConfig = SuffixConfig()  # the suffix index of lookup drafts (min_match: prompt_lookup)
 
 
 def load_tokenizer(path: Path):
@@ -53,7 +55,7 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
     if spec.drafter == "none":
         return None
     if spec.drafter == "ngram":
-        return NgramDrafter()
+        return NgramDrafter(spec.suffix)
     if spec.drafter_path is None:
         raise ValueError("the model drafter needs a checkpoint path")
     cfg = RunnerConfig(spec.max_num_seqs, spec.max_seq_len, None, spec.dtype, spec.device, spec.kernels, spec.lean)
@@ -63,7 +65,7 @@ def build_drafter(spec: EngineSpec, target_vocab: int) -> BaseDrafter | None:
     if spec.tree_nodes > 0:
         return TreeDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup=spec.tree_lookup)
     return ModelDrafter(runner, confidence_threshold=spec.confidence_threshold, lookup_min_n=spec.prompt_lookup,
-                        ahead_lookup=spec.ahead_lookup)
+                        ahead_lookup=spec.ahead_lookup, suffix=spec.suffix)
 
 
 def build_engine(spec: EngineSpec) -> SpeculativeEngine:

@@ -11,13 +11,14 @@ needs the verifier's state and may be replaced or restarted at any time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from specserve.actors.engine import randomness
 from specserve.actors.engine.request import SamplingParams
 from specserve.actors.engine.runner import ModelRunner
+from specserve.actors.engine.suffix import SuffixConfig, SuffixIndex
 from specserve.kernels.sampling import sample_from, sampling_probs, truncate_top_m
 
 
@@ -107,6 +108,10 @@ class BaseDrafter:
         """Forget a finished sequence."""
         self.seqs.pop(seq_id, None)
 
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        """The sequence ended with `tokens` (prompt + output), before `stop`: drafters that learn
+        from traffic (a suffix index) keep them; others need nothing."""
+
     def has_ahead_work(self) -> bool:
         """Whether `draft_ahead` has something useful to do (pipelined drafting)."""
         return False
@@ -192,21 +197,40 @@ def lookup_draft(tokens: list[int], requested: int, params: SamplingParams) -> D
     return draft
 
 
+def suffix_lookup(min_match: int, cfg: SuffixConfig | None) -> SuffixIndex | None:
+    """The suffix index that drafts where a sequence's last `min_match` or more tokens occurred
+    before (in it or in finished sequences); None where `min_match` is 0 (no lookup)."""
+    if min_match <= 0:
+        return None
+    cfg = cfg or SuffixConfig()
+    return SuffixIndex(replace(cfg, min_match=min_match, max_match=max(cfg.max_match, min_match)))
+
+
+def suffix_draft(index: SuffixIndex, seq_id: int, st: SeqState, k: int) -> list[int]:
+    """The suffix index's draft of a sequence; a seeded request's from its own context only."""
+    return index.draft(seq_id, st.context, k, shared=not st.params.seeded_sampling)
+
+
 class NgramDrafter(BaseDrafter):
-    """Prompt lookup: continue the sequence the way its latest matching n-gram continued.
+    """Suffix lookup: continue the sequence the way its longest earlier match continued, in it
+    or in the sequences this drafter served before (actors/engine/suffix.py; prompt lookup is
+    its special case).
 
     Costs no model. Its draft is deterministic, so q is a point mass on each draft token.
     """
 
     name = "ngram"
 
-    def __init__(self, max_n: int = 4, min_n: int = 1):
+    def __init__(self, suffix: SuffixConfig | None = None, min_match: int = 1):
         super().__init__()
-        self.lookup = PromptLookup(max_n, min_n)
+        self.lookup = suffix_lookup(max(1, min_match), suffix)
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         super().start(seq_id, prompt_ids, params)
         self.lookup.drop(seq_id)
+
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        self.lookup.finish(seq_id, tokens)
 
     def stop(self, seq_id: int) -> None:
         super().stop(seq_id)
@@ -216,7 +240,7 @@ class NgramDrafter(BaseDrafter):
         drafts = []
         for r in reqs:
             st = self.seqs[r.seq_id]
-            tokens = self.lookup.continuation(r.seq_id, st.context, r.k)
+            tokens = suffix_draft(self.lookup, r.seq_id, st, r.k)
             st.last_draft = tokens
             drafts.append(lookup_draft(tokens, r.k, st.params))
         return drafts
@@ -230,7 +254,6 @@ AHEAD_EMA = 0.05  # decay of the hit counts per verdict on work drafted ahead (~
 # and the last draft when the whole draft was accepted. More means the drafter is catching up on
 # steps it sat out (speculation was off), and that forward is no measure of a draft step's cost.
 CATCH_UP_TOKENS = 2
-LOOKUP_MAX_N = 4  # longest suffix n-gram prompt lookup matches
 
 
 class ModelDrafter(BaseDrafter):
@@ -248,9 +271,10 @@ class ModelDrafter(BaseDrafter):
     start of the next draft; any other verdict discards it. Drafted ahead or not, a token is
     chosen by the same rule with the same random numbers, so only timing changes.
 
-    Prompt lookup (`lookup_min_n` > 0): where the sequence's last `lookup_min_n` or more tokens
-    occurred before in it, the draft is what followed them then (as the n-gram drafter drafts,
-    a point-mass q when sampling), at no model cost; the model drafts the rest. Text that
+    Suffix lookup (`lookup_min_n` > 0, actors/engine/suffix.py, `suffix` its knobs): where the
+    sequence's last `lookup_min_n` or more tokens occurred before in it or in the sequences this
+    drafter served before, the draft is what most often followed them (as the n-gram drafter
+    drafts, a point-mass q when sampling), at no model cost; the model drafts the rest. Text that
     repeats itself (code, edits, quotes of the prompt) is drafted far better by lookup than by
     a small model, and text that does not is left to the model. The model's cache catches up on
     the looked-up tokens the verifier kept in its next forward. `ahead_lookup` > 0: the verifier
@@ -265,7 +289,8 @@ class ModelDrafter(BaseDrafter):
     name = "model"
 
     def __init__(self, runner: ModelRunner, confidence_threshold: float = 0.0, top_m: int = 16,
-                 lookup_min_n: int = 0, ahead_lookup: int = 0, ahead_min_hit_rate: float = AHEAD_MIN_HIT_RATE):
+                 lookup_min_n: int = 0, ahead_lookup: int = 0, ahead_min_hit_rate: float = AHEAD_MIN_HIT_RATE,
+                 suffix: SuffixConfig | None = None):
         super().__init__()
         self.ahead_min_hit_rate = ahead_min_hit_rate
         # verdicts on work drafted ahead that confirmed it, decayed (a prior of one hit in one trial)
@@ -276,7 +301,7 @@ class ModelDrafter(BaseDrafter):
         self.runner = runner
         self.confidence_threshold = confidence_threshold
         self.top_m = top_m
-        self.chain_lookup = PromptLookup(max(LOOKUP_MAX_N, lookup_min_n), lookup_min_n) if lookup_min_n > 0 else None
+        self.chain_lookup = suffix_lookup(lookup_min_n, suffix)
         self.lookup_drafts = 0  # drafts that came from prompt lookup
         self.ahead_hits = 0  # verdicts that confirmed pipelined work
         self.ahead_misses = 0  # verdicts that discarded it
@@ -317,6 +342,10 @@ class ModelDrafter(BaseDrafter):
             if index is not None:
                 index.drop(seq_id)
         super().stop(seq_id)
+
+    def finished(self, seq_id: int, tokens: list[int]) -> None:
+        if self.chain_lookup is not None:
+            self.chain_lookup.finish(seq_id, tokens)
 
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         st = self.seqs[seq_id]
@@ -373,7 +402,7 @@ class ModelDrafter(BaseDrafter):
         if self.chain_lookup is None or r.k <= 0 or drafts[r.seq_id].tokens:
             return False
         st = self.seqs[r.seq_id]
-        tokens = self.chain_lookup.continuation(r.seq_id, st.context, r.k)
+        tokens = suffix_draft(self.chain_lookup, r.seq_id, st, r.k)
         if not tokens:
             return False
         if st.fed > len(st.context):  # the cache holds drafts past the context: not this draft's

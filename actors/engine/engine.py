@@ -144,6 +144,8 @@ class SpeculativeEngine:
         seq = self.seqs.pop(seq_id)
         self.target.free(seq.slot)
         if self.drafter is not None:
+            if seq.finish_reason:  # the last step's tokens had no verdict: the drafter learns them here
+                self.drafter.finished(seq_id, seq.prompt_ids + seq.generated)
             self.drafter.stop(seq_id)
 
     # -- one step --------------------------------------------------------------------------------

@@ -376,3 +376,17 @@ def test_a_probe_whose_remote_drafts_all_came_untimed_is_retried_until_one_measu
     finally:
         pool.close()
         server.stop()
+
+
+def test_a_request_drafts_from_traffic_served_elsewhere_with_no_round_trip(models):
+    # another replica served PROMPTS[1]; a request that continues it drafts from those tokens
+    # here (the pool's suffix index), nearly all accepted; its own tokens join the index after it
+    target, drafter, want = models
+    server = model_server(drafter)
+    with over_the_wire(target, server, lookup_min_n=1) as (engine, pool):
+        pool.add_finished(PROMPTS[1] + want[1])
+        before = pool.lookup.store_tokens
+        [res] = engine.generate([PROMPTS[1] + want[1][:4]], make_params(max_tokens=16))
+        assert res.token_ids == want[1][4:20]
+        assert pool.lookup_drafts >= 3 and res.stats.accepted >= 12
+        assert pool.lookup.store_tokens == before + len(PROMPTS[1]) + 4 + 16  # its prompt and output

@@ -113,6 +113,17 @@ def test_bench_trees_compares_trees_and_chains_at_the_same_budget(tmp_path):
     assert report["tree_vs_chain"][0]["lookup_accepted_per_step_ratio"] > 0
 
 
+def test_bench_suffix_runs_every_drafter_on_repeated_traffic_losslessly(tmp_path):
+    out = tmp_path / "suffix.json"
+    proc = specserve("bench", "--suffix", "--functions", "2", "--repeats", "2", "--max-tokens", "12", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "suffix / lookup tokens/s" in proc.stdout
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "ngram-lookup", "ngram-suffix-own", "ngram-suffix", "model-lookup", "model-suffix"}
+    assert all(r["matches_plain"] == 1.0 for r in rows.values())  # greedy: every mode is lossless
+    assert rows["ngram-suffix"]["tokens"] == rows["plain"]["tokens"] > 0
+
+
 def test_bench_transport_times_each_transport_at_each_gap(tmp_path):
     out = tmp_path / "transport.json"
     proc = specserve("bench", "--transport", "--round-trips", "20", "--gaps", "0,1", "--out", str(out))
