@@ -67,6 +67,7 @@ class VerifierSettings:
     auth_token_file: str | None = None  # bearer tokens accepted on Generate (security.auth_token_file)
     internal_tls: TlsFiles | None = None  # mutual TLS towards the drafters' draft servers
     model_name: str = "specserve-demo"  # the `model` of the OpenAI API (server.model_name)
+    speculation_cache: bool = True  # drafters push drafts made ahead into the pool's cache (speculation.speculation_cache)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Verifier:
                                           deadline_s=settings.draft_deadline_ms / 1000,
                                           node_id=ray.get_runtime_context().get_node_id(),
                                           tls=settings.internal_tls, lookup_min_n=settings.prompt_lookup,
-                                          suffix=settings.suffix)
+                                          suffix=settings.suffix, speculation_cache=settings.speculation_cache)
         tree_nodes = settings.tree_nodes if models.drafter_kind == "model" else 0
         self.tap = TrafficTap(settings.tap) if settings.tap.enabled else None
         engine = SpeculativeEngine(target, self.tokenizer, self.pool,

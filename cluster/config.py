@@ -132,6 +132,9 @@ class SpeculationConfig(Strict):
         "alone picks the length (on the demo pair any stop drafts less than pays)."))
     draft_deadline_ms: float = Field(50.0, gt=0, description="Longest wait for a draft; a late sequence decodes without.")
     pipelined: bool = Field(True, description="Drafters draft block n+1 while block n is verified (chains only).")
+    speculation_cache: bool = Field(True, description=(
+        "With pipelined drafting, drafters push the drafts they make ahead into the verifier's speculation "
+        "cache, keyed by the state each assumes; the verifier takes the matching one with no round trip."))
     tree_nodes: int = Field(0, ge=0, le=63, description=(
         "> 0: the model drafter drafts token trees of up to this many tokens (depth = the chosen draft "
         "length) instead of chains; 0 = chains."))
