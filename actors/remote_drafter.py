@@ -147,7 +147,9 @@ class RemoteDrafterPool(BaseDrafter):
         self.pushes = 0  # Speculations received
         self.stale_pushes = 0  # ... that came for a state already decided (late, or a verdict ruled them out)
         self.waits: collections.deque = collections.deque(maxlen=4096)  # seconds propose waited for remote drafts
+        self.wait_count = 0  # drafting steps whose wait was recorded
         self.lookup = suffix_lookup(lookup_min_n, suffix)
+        self.on_finished: Callable[[list[int]], None] | None = None  # also hand finished requests here
         self.lookup_drafts = 0  # drafts the pool made itself by suffix lookup
         self._local: dict[int, Draft] | None = None  # this step's lookup drafts (local_drafts), for propose
         self.endpoints = endpoints
@@ -201,10 +203,13 @@ class RemoteDrafterPool(BaseDrafter):
             super().stop(seq_id)
 
     def finished(self, seq_id: int, tokens: list[int]) -> None:
-        """The request's tokens join the suffix index: the next similar request drafts from them."""
+        """The request's tokens join the suffix index: the next similar request drafts from them
+        (and, with `on_finished` set, other replicas' next ones: actors/suffix_share.py)."""
         with self._cond:
             if self.lookup is not None:
                 self.lookup.finish(seq_id, tokens)
+        if self.lookup is not None and self.on_finished is not None:
+            self.on_finished(tokens)
 
     def add_finished(self, tokens: list[int]) -> None:
         """A request finished elsewhere (another replica): its token ids join the suffix index."""
@@ -243,6 +248,7 @@ class RemoteDrafterPool(BaseDrafter):
                 self._cond.wait(left)
             if any(r.k > 0 for r in reqs):
                 self.waits.append(time.monotonic() - now)
+                self.wait_count += 1
             return [local.get(r.seq_id) or self._collect(r, prefilling) for r in reqs]
 
     def _look_up(self, r: DraftRequest) -> Draft | None:

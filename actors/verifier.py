@@ -72,6 +72,14 @@ class Verifier:
             from specserve.actors.front import ClientFront
 
             self.front = ClientFront(self, settings.front)
+        self.share = None
+        if self.pool is not None and self.pool.lookup is not None and settings.tap.enabled:
+            # finished requests' token ids reach the other replicas' suffix indexes (sampled as the tap is)
+            from specserve.actors.suffix_share import SuffixSync
+
+            self.share = SuffixSync(self.app_name, serve.get_replica_context().replica_id.unique_id,
+                                    self.pool.add_finished, settings.tap.sample_rate)
+            self.pool.on_finished = self.share.finished
         if self.pool is not None:
             threading.Thread(target=self._poll_registry, name="registry-poll", daemon=True).start()
         if self.tap is not None:
@@ -176,6 +184,9 @@ class Verifier:
                 "cache_hits": self.pool.cache_hits if self.pool else 0,  # drafts taken from the speculation cache
                 "pushes": self.pool.pushes if self.pool else 0, "stale_pushes": self.pool.stale_pushes if self.pool else 0,
                 "draft_wait_ms": self._draft_waits(),
+                "draft_wait_count": self.pool.wait_count if self.pool else 0,  # drafting steps that waited or not
+                "shared_requests_received": self.share.received if self.share else 0,  # other replicas' finished requests
+                "recent_draft_waits_ms": [round(1000 * w, 3) for w in self.pool.waits] if self.pool else [],
                 "tap": None if self.tap is None else vars(self.tap.stats),
                 "cost_model": self._cost_model(),
                 "engine": dataclasses.asdict(self.scheduler.engine.timing),
@@ -213,5 +224,7 @@ class Verifier:
             self.front.stop(grace_s=DRAIN_S)
         self.scheduler.drain(timeout_s=DRAIN_S)
         self.scheduler.shutdown()
+        if self.share is not None:
+            self.share.stop()
         if self.pool is not None:
             self.pool.close()

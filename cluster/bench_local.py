@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.actors.demo import WEIGHTS_DIR, demo_path
-from specserve.actors.demo.corpus import is_held_out, iter_python_files, stdlib_root
+from specserve.actors.demo.corpus import is_held_out, iter_python_files, stdlib_root, third_party_files
 from specserve.actors.engine.build import EngineSpec, build_engine
 from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
@@ -45,12 +45,16 @@ def held_out_files():
 
 
 def code_prompts(tokenizer, count: int, max_prompt_tokens: int = 96, seed: int = 0) -> list[list[int]]:
-    """Prompts that end with a `def` line of held-out code, so the model writes a function body."""
+    """Prompts that end with a `def` line of held-out code, so the model writes a function body:
+    one per held-out standard-library file, then (when more are asked for) one per file of the
+    installed third-party packages, which the demo pair never saw either."""
     rng = random.Random(seed)
     files = list(held_out_files())
     rng.shuffle(files)
+    extra = third_party_files(limit=20 * count) if count > len(files) else []
+    rng.shuffle(extra)
     prompts = []
-    for f in files:
+    for f in files + extra:
         lines = f.text.splitlines(keepends=True)
         defs = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
         if not defs:

@@ -2,12 +2,16 @@
 
 Three applications of the demo pair share one local cluster (and one gRPC port; the client
 picks one with the `application` metadata key): plain decoding of the target, speculative
-decoding with synchronous drafting, and with pipelined drafting. For each concurrency level
+decoding with synchronous drafting, with pipelined drafting, and with pipelined drafting whose
+drafts made ahead are pushed into the verifier's speculation cache (`cached`, the default). For each concurrency level
 the variants run the same requests one after another, in a rotating order, several rounds,
-so machine noise hits them alike. Reported per variant and level: aggregate tokens/s,
+so machine noise hits them alike; every round of every level has prompts of its own (held-out
+code, `seed` choosing them), so no variant is ever asked a prompt twice. Reported per variant and level: aggregate tokens/s,
 speedup over plain at the same level, acceptance, TTFT and inter-token latency percentiles,
 the verifier's median draft round-trip overhead, and the drafter replica's drafts and how many
-of them pipelined drafting had ready when the verdict came (`ahead_hits`).
+of them pipelined drafting had ready when the verdict came (`ahead_hits`), and for the cache the
+drafts taken from it (`cache_hits`), the pushes (`pushes`, per replica draft: the outcomes covered)
+and the verifier's wait for drafts per drafting step (p50, p90).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from specserve.cluster.client import Client, Reply
 VARIANTS = {
     "plain": {"models": {"drafter": "none"}},
     "sync": {"speculation": {"pipelined": False}},
-    "pipelined": {"speculation": {"pipelined": True}},
+    "pipelined": {"speculation": {"pipelined": True, "speculation_cache": False}},
+    "cached": {"speculation": {"pipelined": True, "speculation_cache": True}},  # the default
 }
 
 
@@ -141,6 +146,15 @@ def _ahead_delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in ("drafts", "ahead_hits", "ahead_misses")}
 
 
+def _cache_delta(before: dict, after: dict) -> dict:
+    """The speculation cache between two snapshots of a verifier's load: drafts taken from it,
+    pushes received, and the wait for drafts per drafting step (p50, p90 over the level)."""
+    n = after.get("draft_wait_count", 0) - before.get("draft_wait_count", 0)
+    waits = after.get("recent_draft_waits_ms", [])[-n:] if n > 0 else []
+    out = {k: after.get(k, 0) - before.get(k, 0) for k in ("cache_hits", "pushes", "stale_pushes")}
+    return out | {"wait_p50_ms": percentile(waits, 0.5), "wait_p90_ms": percentile(waits, 0.9)}
+
+
 def _timing_delta(before: dict, after: dict) -> dict:
     """What the verifier's engine did between two snapshots: steps, how many asked for drafts,
     how many of those were probes, and the share of its time spent waiting for drafts."""
@@ -151,8 +165,11 @@ def _timing_delta(before: dict, after: dict) -> dict:
             "verify_ms_per_step": round(1000 * d["verify_s"] / d["verify_steps"], 2) if d["verify_steps"] else None}
 
 
+WARM_UP = 2  # requests per variant before measuring
+
+
 def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds: int, port: int,
-                      drafter: str = "model", progress=print) -> dict:
+                      drafter: str = "model", progress=print, seed: int = 0) -> dict:
     """Deploy the variants on a local cluster, measure them side by side, tear down."""
     from specserve.actors.demo import demo_path
     from specserve.actors.engine.build import load_tokenizer
@@ -164,22 +181,28 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
             "drafter": {"num_cpus": 1, "replicas": 1, "host": "127.0.0.1"},
             "models": {"drafter": drafter}}
     cfgs = {name: _config(base, v, port) for name, v in VARIANTS.items()}
-    prompts = code_prompts(load_tokenizer(demo_path("target")), requests)
+    # every request of a variant is a prompt it has not seen: a suffix index that learned a prompt's
+    # continuation from an earlier round would otherwise draft it whole
+    needed = WARM_UP + rounds * sum(max(requests, level) for level in levels)
+    prompts = code_prompts(load_tokenizer(demo_path("target")), needed, seed=seed)
+    if len(prompts) < needed:
+        raise ValueError(f"{needed} held-out prompts needed, {len(prompts)} exist: fewer levels, rounds or prompts")
+    fresh = iter(prompts[WARM_UP:])
     serving.connect(None, num_cpus=8)
     try:
         apps = [cfgs[n].application(n, f"/{n}") for n in VARIANTS]
         serving.deploy(cfgs["plain"], applications=apps, progress=progress)
         address = f"127.0.0.1:{port}"
         for name in VARIANTS:  # warm-up: first requests pay for lazy initialisation
-            _run_level(address, name, prompts[:2], 8, 2, LevelTotals())
+            _run_level(address, name, prompts[:WARM_UP], 8, 2, LevelTotals())
         results: dict[int, dict[str, LevelTotals]] = {}
         after: dict[str, dict] = {}
         for level in levels:
             results[level] = {n: LevelTotals() for n in VARIANTS}
-            batch = [prompts[i % len(prompts)] for i in range(max(requests, level))]
             before, drafters_before = _loads(list(VARIANTS)), _drafter_infos(list(VARIANTS))
             for r in range(rounds):
-                order = list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]
+                batch = [next(fresh) for _ in range(max(requests, level))]  # the same for every variant
+                order = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[: r % len(VARIANTS)]
                 for name in order:
                     _run_level(address, name, batch, max_tokens, level, results[level][name])
                 progress(f"concurrency {level}: round {r + 1}/{rounds} done")
@@ -189,6 +212,7 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
                 if name in drafters_after:
                     results[level][name].engine.update(_ahead_delta(drafters_before[name], drafters_after[name]))
                 results[level][name].engine["lookup_drafts"] = after[name]["lookup_drafts"] - before[name]["lookup_drafts"]
+                results[level][name].engine.update(_cache_delta(before[name], after[name]))
                 # what the verifier's draft-length policy went by at the end of the level
                 results[level][name].engine["cost_model"] = after[name]["cost_model"]
         # median draft round-trip overhead each speculative verifier measured over the whole run
@@ -197,23 +221,25 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
     finally:
         serving.shutdown()
     return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
-                       "drafter": drafter},
+                       "drafter": drafter, "seed": seed},
             "rows": _rows(results, overheads)}
 
 
 def format_table(report: dict) -> str:
     cols = ["concurrency", "variant", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length",
             "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "steps", "drafting_steps", "probes",
-            "lookup_drafts", "drafts", "ahead_hits", "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
+            "lookup_drafts", "drafts", "ahead_hits", "cache_hits", "pushes", "wait_p50_ms", "wait_p90_ms",
+            "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
     head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
-            "rtt50ms", "steps", "drafting", "probes", "lookups", "drafts", "ahead_hit", "wait", "verify_ms", "failed",
-            "=plain"]
+            "rtt50ms", "steps", "drafting", "probes", "lookups", "drafts", "ahead_hit", "cached", "pushes",
+            "wait50ms", "wait90ms", "wait", "verify_ms", "failed", "=plain"]
     return text_table(report["rows"], cols, head, 10)
 
 
 def bench_serving_main(args) -> int:
     """CLI entry: run, print the table, write JSON."""
     levels = [int(x) for x in args.concurrency.split(",")]
-    report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port, args.drafter)
+    report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port, args.drafter,
+                               seed=args.seed)
     write_report(report, format_table(report), args.out)
     return 0

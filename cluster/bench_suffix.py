@@ -14,7 +14,12 @@ interleaved request by request in one process, each with its own engine:
   ngram-suffix        the suffix index: own context and the requests this engine finished before
   model-lookup        the model drafter with prompt lookup where the last token repeats (the
                       verifier's local drafter before the suffix index, with the replicas' model)
-  model-suffix        the same with the suffix index instead (the default)
+  model-suffix-own    the model drafter with the suffix index over the request's own context only
+  model-suffix        the same with the suffix index and its store (the default)
+  model-suffix-b      a second replica: the suffix index with no store of its own, fed (with
+                      `add_finished`, the call the replicas' share makes) the requests
+                      model-suffix finished in the earlier rounds: the speedup on one replica
+                      from traffic another replica served
 Rows give tokens/s, the speedup over plain and acceptance over all rounds, the first round and the
 rounds after it (where the same requests were served before), and accepted drafts per token.
 """
@@ -36,7 +41,8 @@ from specserve.actors.engine.request import make_params
 from specserve.actors.engine.suffix import SuffixConfig
 from specserve.cluster.reporting import text_table, write_report
 
-MODES = ("plain", "ngram-lookup", "ngram-suffix-own", "ngram-suffix", "model-lookup", "model-suffix")
+MODES = ("plain", "ngram-lookup", "ngram-suffix-own", "ngram-suffix", "model-lookup", "model-suffix-own",
+         "model-suffix", "model-suffix-b")
 HEADERS = ("# helper, as in the module\n", "# same function, second request\n", "# rewritten on request\n",
            "# again: keep the behaviour\n")
 
@@ -98,6 +104,28 @@ class Totals:
     outputs: list = field(default_factory=list)
 
 
+class ReplicaB:
+    """Replica B's view of replica A's traffic: what A finished reaches B's index a round later
+    (as the share would pass it on); B keeps nothing of its own."""
+
+    def __init__(self, a, b):
+        self.pending: list[list[int]] = []
+        self.b_index = b.drafter.chain_lookup
+        finished_a = a.drafter.finished
+
+        def on_a_finished(seq_id, tokens):
+            self.pending.append(list(tokens))
+            finished_a(seq_id, tokens)
+        a.drafter.finished = on_a_finished
+        b.drafter.finished = lambda seq_id, tokens: self.b_index.drop(seq_id)
+
+    def new_round(self) -> None:
+        """Hand B what A finished in the rounds so far."""
+        for tokens in self.pending:
+            self.b_index.add_finished(tokens)
+        self.pending = []
+
+
 def _engine(mode: str, k_max: int):
     kind = "none" if mode == "plain" else mode.split("-")[0]
     suffix = SuffixConfig(max_tokens=0) if mode.endswith("-own") else SuffixConfig()
@@ -138,7 +166,10 @@ def run_suffix_bench(functions: int = 6, repeats: int = 3, max_tokens: int = 128
                 index.forget_finished()
     params = make_params(max_tokens=max_tokens)
     totals = {m: Totals() for m in MODES}
+    replica_b = ReplicaB(engines["model-suffix"], engines["model-suffix-b"])
     for n, (rnd, prompt) in enumerate(requests):
+        if n and rnd != requests[n - 1][0]:
+            replica_b.new_round()
         for mode in MODES:
             _run(engines[mode], prompt, params, totals[mode], rnd > 0)
         progress(f"request {n + 1}/{len(requests)} (round {rnd + 1}) done")
@@ -173,11 +204,15 @@ def format_table(report: dict) -> str:
         + ["acc/token", "=plain"]
     rows = {r["mode"]: r for r in report["rows"]}
     lines = [text_table(report["rows"], cols, head, 12)]
-    for kind in ("ngram", "model"):
-        s, p = rows[f"{kind}-suffix"], rows[f"{kind}-lookup"]
+    for name, (num, den) in {"ngram: suffix / lookup": ("ngram-suffix", "ngram-lookup"),
+                             "model: suffix / lookup": ("model-suffix", "model-lookup"),
+                             "replica B fed by A / B alone": ("model-suffix-b", "model-suffix-own")}.items():
+        if num not in rows or den not in rows:
+            continue
+        s, p = rows[num], rows[den]
         ratios = ", ".join(f"{s[f'tokens_per_s_{span}'] / p[f'tokens_per_s_{span}']:.3f} ({span})" for span in SPANS
                            if p[f"tokens_per_s_{span}"])
-        lines.append(f"{kind}: suffix / lookup tokens/s = {ratios}")
+        lines.append(f"{name} tokens/s = {ratios}")
     return "\n".join(lines)
 
 

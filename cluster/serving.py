@@ -12,6 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 from specserve.actors.distill.hub import HUB_NAME
 from specserve.actors.distill.job import DISTILLER_NAME
 from specserve.actors.registry import NAMESPACE, REGISTRY_NAME, get_registry
+from specserve.actors.suffix_share import SHARE_NAME
 from specserve.cluster.config import APP_NAME, DRAFTER, SpecserveConfig
 
 
@@ -140,7 +141,7 @@ def shutdown() -> None:
     try:
         serve.shutdown()
     finally:
-        for name in (REGISTRY_NAME, HUB_NAME, DISTILLER_NAME):
+        for name in (REGISTRY_NAME, HUB_NAME, DISTILLER_NAME, SHARE_NAME):
             try:
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE))
             except ValueError:  # not running
