@@ -4,6 +4,8 @@ and a replica whose share actor is gone keeps drafting from its local index."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 
@@ -18,8 +20,8 @@ from .engine.tiny import always_drafting_engine, build_model, family_config, hf_
 
 pytestmark = pytest.mark.ray
 
-PROMPT = [5, 17, 3, 40, 41, 42, 8, 9]
-NEW_TOKENS = 32
+PROMPT = [5, 17, 3, 40, 41, 42, 8, 9]  # no token repeats: its own context drafts nothing at first
+NEW_TOKENS = 8  # short, before the tiny target's output starts repeating itself
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,16 @@ def test_the_share_keeps_within_its_token_bound(cluster):
 
 def test_a_replica_whose_share_is_gone_keeps_drafting_from_its_local_index(cluster, model):
     target, want = model
-    b, _, sync_b = replica(target, "B2")
+    b, _, sync_b = replica(target, "B2", app="alone")  # no other replica of its application
     sync_b.sync_once()  # it holds the share actor's handle
     ray.kill(ray.get_actor(SHARE_NAME, namespace=NAMESPACE), no_restart=True)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:  # the kill is asynchronous: wait until the actor is gone
+        try:
+            ray.get_actor(SHARE_NAME, namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.1)
     with pytest.raises(Exception):
         sync_b.sync_once()  # the background thread logs this and looks the actor up again
     first, second = generate(b), generate(b)
