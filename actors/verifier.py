@@ -171,8 +171,9 @@ class Verifier:
             health_pb2.HealthCheckResponse.SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
-    def load(self) -> dict:
-        """Load, live acceptance and cost model of this replica (for `specserve status`)."""
+    def load(self, recent_waits: bool = False) -> dict:
+        """Load, live acceptance and cost model of this replica (for `specserve status`);
+        `recent_waits`: also the last waits for drafts, one per drafting step (benchmarks)."""
         running, waiting = self.scheduler.load
         drafted, accepted = self.totals["drafted"], self.totals["accepted"]
         return {"running": running, "waiting": waiting, "device": self.device, **self.totals,
@@ -186,7 +187,7 @@ class Verifier:
                 "draft_wait_ms": self._draft_waits(),
                 "draft_wait_count": self.pool.wait_count if self.pool else 0,  # drafting steps that waited or not
                 "shared_requests_received": self.share.received if self.share else 0,  # other replicas' finished requests
-                "recent_draft_waits_ms": [round(1000 * w, 3) for w in self.pool.waits] if self.pool else [],
+                "recent_draft_waits_ms": [round(1000 * w, 3) for w in self.pool.waits] if self.pool and recent_waits else [],
                 "tap": None if self.tap is None else vars(self.tap.stats),
                 "cost_model": self._cost_model(),
                 "engine": dataclasses.asdict(self.scheduler.engine.timing),

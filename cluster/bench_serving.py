@@ -129,7 +129,7 @@ def _loads(apps: list[str]) -> dict[str, dict]:
     """Each verifier's `load()`: its engine timing so far, the draft round trips it measured."""
     from ray import serve
 
-    return {app: serve.get_app_handle(app).load.remote().result() for app in apps}
+    return {app: serve.get_app_handle(app).load.remote(True).result() for app in apps}
 
 
 def _drafter_infos(apps: list[str]) -> dict[str, dict]:
