@@ -117,9 +117,10 @@ def test_bench_suffix_runs_every_drafter_on_repeated_traffic_losslessly(tmp_path
     out = tmp_path / "suffix.json"
     proc = specserve("bench", "--suffix", "--functions", "2", "--repeats", "2", "--max-tokens", "12", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "suffix / lookup tokens/s" in proc.stdout
+    assert "suffix / lookup tokens/s" in proc.stdout and "replica B fed by A / B alone tokens/s" in proc.stdout
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"plain", "ngram-lookup", "ngram-suffix-own", "ngram-suffix", "model-lookup", "model-suffix"}
+    assert set(rows) == {"plain", "ngram-lookup", "ngram-suffix-own", "ngram-suffix", "model-lookup", "model-suffix-own",
+                         "model-suffix", "model-suffix-b"}
     assert all(r["matches_plain"] == 1.0 for r in rows.values())  # greedy: every mode is lossless
     assert rows["ngram-suffix"]["tokens"] == rows["plain"]["tokens"] > 0
 
