@@ -149,7 +149,7 @@ def test_a_drafter_killed_while_pushing_loses_no_request(models):
 
 # -- sampling through the cache keeps the target's distribution ------------------------------------
 
-VOCAB, N, PROMPT, MAX_TOKENS = 8, 2000, [1, 5, 2], 5
+VOCAB, N, PROMPT, MAX_TOKENS = 8, 1000, [1, 5, 2], 5
 
 
 def tiny_pair():

@@ -28,7 +28,7 @@ CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "co
 NEW_TOKENS = 16
 MODEL = "specserve-demo"
 DOCUMENTED = {200, 400, 401, 404, 405, 429, 503}
-FUZZ_EXAMPLES = int(os.environ.get("SPECSERVE_FUZZ_EXAMPLES", "200"))
+FUZZ_EXAMPLES = int(os.environ.get("SPECSERVE_FUZZ_EXAMPLES", "120"))
 
 
 @pytest.fixture(scope="module")
