@@ -150,10 +150,11 @@ def response_pb(request_id: str, token_ids: list[int], text: str, finish_reason:
 # -- Drafting (internal) ---------------------------------------------------------------------------
 
 def start_pb(sequence_id: int, context: list[int], params: SamplingParams, seed: int, k: int, nodes: int = 0,
-             push: bool = False):
+             push: bool = False, push_outcomes: int = 1):
     """The Start message of a sequence whose drafter context is `context`."""
     start = drafting_pb2.Start(sequence_id=sequence_id, prompt_token_ids=context, temperature=params.temperature,
-                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k, tree_nodes=nodes, push=push)
+                               top_k=params.top_k, top_p=params.top_p, seed=seed, k=k, tree_nodes=nodes, push=push,
+                               push_outcomes=push_outcomes if push else 0)
     return drafting_pb2.VerifierMessage(start=start)
 
 

@@ -234,6 +234,7 @@ class DraftWorker:
             self.drafter.stop(seq)
             return None
         self.drafter.seqs[seq].push = start.push and self.pipelined and start.tree_nodes == 0
+        self.drafter.seqs[seq].push_outcomes = max(1, start.push_outcomes)
         self.seq_ids[key] = seq
         self.routes[seq] = (stream, start.sequence_id)
         return seq

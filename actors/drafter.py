@@ -110,12 +110,14 @@ class Drafter:
 
     def info(self) -> dict:
         """Address, load and weights; drafts sent and, for pipelined drafting, the verdicts that
-        confirmed the work drafted ahead (`ahead_hits`) and those that threw it away."""
+        confirmed the work drafted ahead (`ahead_hits`) and those that threw it away, and the
+        drafts pushed for rejection outcomes (`branch_pushes`) and the verdicts one matched."""
         drafter = self.worker.drafter
         return {"address": self.address, "device": self.device, "sequences": self.worker.load,
                 "weight_version": self.worker.weight_version, "drafts": self.worker.drafts_sent,
                 "pushes": self.worker.pushes_sent,
-                "ahead_hits": getattr(drafter, "ahead_hits", 0), "ahead_misses": getattr(drafter, "ahead_misses", 0)}
+                "ahead_hits": getattr(drafter, "ahead_hits", 0), "ahead_misses": getattr(drafter, "ahead_misses", 0),
+                "branch_pushes": getattr(drafter, "branch_pushes", 0), "branch_hits": getattr(drafter, "branch_hits", 0)}
 
     async def check_health(self) -> None:
         if not self.worker.alive:

@@ -140,9 +140,12 @@ class RemoteDrafterPool(BaseDrafter):
     def __init__(self, endpoints: Callable[[], list[DrafterEndpoint]], vocab_size: int,
                  deadline_s: float = 0.05, node_id: str = "", max_misses: int = 3, retry_s: float = 1.0,
                  tls: TlsFiles | None = None, catch_up_wait: int = 16, lookup_min_n: int = 0,
-                 suffix: SuffixConfig | None = None, speculation_cache: bool = True):
+                 suffix: SuffixConfig | None = None, speculation_cache: bool = True, speculation_outcomes: int = 3):
         super().__init__()
         self.speculation_cache = speculation_cache  # ask drafters to push drafts ahead (Start.push)
+        self.speculation_outcomes = speculation_outcomes  # ... for at most this many verdict outcomes per draft
+        self.cached_outcomes = 0  # outcomes with a pushed draft in the cache when a step's draft was chosen
+        self.cache_decisions = 0  # ... over this many steps of sequences with a drafter
         self.cache_hits = 0  # drafts taken from the speculation cache (no round trip)
         self.pushes = 0  # Speculations received
         self.stale_pushes = 0  # ... that came for a state already decided (late, or a verdict ruled them out)
@@ -289,6 +292,9 @@ class RemoteDrafterPool(BaseDrafter):
         rs = self.remote.get(seq_id)
         if rs is not None:
             rs.decided = len(self.seqs[seq_id].context)
+            if rs.link is not None and self.speculation_cache:
+                self.cached_outcomes += len(rs.cache)
+                self.cache_decisions += 1
             rs.cache.clear()
 
     def _prefilling(self, now: float) -> set[int]:
@@ -347,7 +353,8 @@ class RemoteDrafterPool(BaseDrafter):
             rs.retry_at = time.monotonic() + self.retry_s
             return
         st = self.seqs[seq_id]
-        link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes, push=self.speculation_cache))
+        link.send(start_pb(seq_id, st.context, st.params, st.seed, k, nodes, push=self.speculation_cache,
+                           push_outcomes=self.speculation_outcomes))
         rs.link, rs.outstanding, rs.verdict, rs.misses, rs.answered, rs.asked = link, 1, None, 0, False, True
         rs.attached_at = time.monotonic()
         # the first draft waits for the drafter's prefill of the whole context: the batch does

@@ -68,6 +68,7 @@ class VerifierSettings:
     internal_tls: TlsFiles | None = None  # mutual TLS towards the drafters' draft servers
     model_name: str = "specserve-demo"  # the `model` of the OpenAI API (server.model_name)
     speculation_cache: bool = True  # drafters push drafts made ahead into the pool's cache (speculation.speculation_cache)
+    speculation_outcomes: int = 3  # ... for at most this many verdict outcomes per draft (speculation.speculation_outcomes)
 
 
 @dataclass(frozen=True)

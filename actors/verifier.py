@@ -55,7 +55,8 @@ class Verifier:
                                           deadline_s=settings.draft_deadline_ms / 1000,
                                           node_id=ray.get_runtime_context().get_node_id(),
                                           tls=settings.internal_tls, lookup_min_n=settings.prompt_lookup,
-                                          suffix=settings.suffix, speculation_cache=settings.speculation_cache)
+                                          suffix=settings.suffix, speculation_cache=settings.speculation_cache,
+                                          speculation_outcomes=settings.speculation_outcomes)
         tree_nodes = settings.tree_nodes if models.drafter_kind == "model" else 0
         self.tap = TrafficTap(settings.tap) if settings.tap.enabled else None
         engine = SpeculativeEngine(target, self.tokenizer, self.pool,
@@ -184,6 +185,9 @@ class Verifier:
                 "lookup_drafts": self.pool.lookup_drafts if self.pool else 0,  # drafts by the pool's prompt lookup
                 "cache_hits": self.pool.cache_hits if self.pool else 0,  # drafts taken from the speculation cache
                 "pushes": self.pool.pushes if self.pool else 0, "stale_pushes": self.pool.stale_pushes if self.pool else 0,
+                # outcomes with a pushed draft waiting when a step's draft was chosen, and those steps
+                "cached_outcomes": self.pool.cached_outcomes if self.pool else 0,
+                "cache_decisions": self.pool.cache_decisions if self.pool else 0,
                 "draft_wait_ms": self._draft_waits(),
                 "draft_wait_count": self.pool.wait_count if self.pool else 0,  # drafting steps that waited or not
                 "shared_requests_received": self.share.received if self.share else 0,  # other replicas' finished requests

@@ -41,7 +41,8 @@ def settings(cfg: SpecserveConfig) -> tuple[VerifierSettings, DrafterSettings]:
                                 spec.k_max, spec.draft_deadline_ms, threads=max(1, round(cfg.verifier.num_cpus)),
                                 tree_nodes=spec.tree_nodes, prompt_lookup=spec.prompt_lookup, suffix=spec.suffix(),
                                 kernels=spec.kernels, tap=tap, fixed_k=spec.fixed_k, front=front, auth_token_file=sec.auth_token_file, internal_tls=internal,
-                                model_name=served_model_name(cfg), speculation_cache=spec.speculation_cache)
+                                model_name=served_model_name(cfg), speculation_cache=spec.speculation_cache,
+                                speculation_outcomes=spec.speculation_outcomes)
     drafter = DrafterSettings(models, cfg.drafter.max_num_seqs, cfg.verifier.max_seq_len,
                               spec.confidence_threshold, spec.pipelined, cfg.drafter.host,
                               weight_version=models.base_version, threads=max(1, round(cfg.drafter.num_cpus)),

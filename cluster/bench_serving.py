@@ -10,8 +10,10 @@ code, `seed` choosing them), so no variant is ever asked a prompt twice. Reporte
 speedup over plain at the same level, acceptance, TTFT and inter-token latency percentiles,
 the verifier's median draft round-trip overhead, and the drafter replica's drafts and how many
 of them pipelined drafting had ready when the verdict came (`ahead_hits`), and for the cache the
-drafts taken from it (`cache_hits`), the pushes (`pushes`, per replica draft: the outcomes covered)
-and the verifier's wait for drafts per drafting step (p50, p90).
+drafts taken from it (`cache_hits`, and their share of drafting steps), the pushes (`pushes`; of
+them `branch_pushes` for rejection outcomes, `branch_hits` the verdicts one matched), the outcomes
+with a pushed draft waiting when a step's draft was chosen (`outcomes_per_step`) and the
+verifier's wait for drafts per drafting step (p50, p90).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _drafter_infos(apps: list[str]) -> dict[str, dict]:
 def _ahead_delta(before: dict, after: dict) -> dict:
     """What a drafter replica did between two snapshots: drafts sent, and the verdicts that
     confirmed (hits) or threw away (misses) work drafted ahead."""
-    return {k: after[k] - before[k] for k in ("drafts", "ahead_hits", "ahead_misses")}
+    return {k: after[k] - before[k] for k in ("drafts", "ahead_hits", "ahead_misses", "branch_pushes", "branch_hits")}
 
 
 def _cache_delta(before: dict, after: dict) -> dict:
@@ -152,7 +154,12 @@ def _cache_delta(before: dict, after: dict) -> dict:
     n = after.get("draft_wait_count", 0) - before.get("draft_wait_count", 0)
     waits = after.get("recent_draft_waits_ms", [])[-n:] if n > 0 else []
     out = {k: after.get(k, 0) - before.get(k, 0) for k in ("cache_hits", "pushes", "stale_pushes")}
-    return out | {"wait_p50_ms": percentile(waits, 0.5), "wait_p90_ms": percentile(waits, 0.9)}
+    decisions = after.get("cache_decisions", 0) - before.get("cache_decisions", 0)
+    outcomes = after.get("cached_outcomes", 0) - before.get("cached_outcomes", 0)
+    cached_share = round(out["cache_hits"] / n, 4) if n > 0 else None
+    return out | {"wait_p50_ms": percentile(waits, 0.5), "wait_p90_ms": percentile(waits, 0.9),
+                  "cached_share": cached_share,  # drafting steps whose draft came from the cache
+                  "outcomes_per_step": round(outcomes / decisions, 3) if decisions else None}
 
 
 def _timing_delta(before: dict, after: dict) -> dict:
@@ -228,11 +235,11 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
 def format_table(report: dict) -> str:
     cols = ["concurrency", "variant", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length",
             "ttft_p50_ms", "itl_p50_ms", "itl_p90_ms", "draft_overhead_p50_ms", "steps", "drafting_steps", "probes",
-            "lookup_drafts", "drafts", "ahead_hits", "cache_hits", "pushes", "wait_p50_ms", "wait_p90_ms",
-            "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
+            "lookup_drafts", "drafts", "ahead_hits", "cache_hits", "cached_share", "pushes", "branch_pushes",
+            "branch_hits", "outcomes_per_step", "wait_p50_ms", "wait_p90_ms", "draft_wait_share", "verify_ms_per_step", "failed", "matches_plain"]
     head = ["conc", "variant", "tok/s", "speedup", "accept", "mean_acc", "ttft50ms", "itl50ms", "itl90ms",
-            "rtt50ms", "steps", "drafting", "probes", "lookups", "drafts", "ahead_hit", "cached", "pushes",
-            "wait50ms", "wait90ms", "wait", "verify_ms", "failed", "=plain"]
+            "rtt50ms", "steps", "drafting", "probes", "lookups", "drafts", "ahead_hit", "cached", "cached%", "pushes",
+            "br_push", "br_hit", "outcomes", "wait50ms", "wait90ms", "wait", "verify_ms", "failed", "=plain"]
     return text_table(report["rows"], cols, head, 10)
 
 

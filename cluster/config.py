@@ -135,6 +135,11 @@ class SpeculationConfig(Strict):
     speculation_cache: bool = Field(True, description=(
         "With pipelined drafting, drafters push the drafts they make ahead into the verifier's speculation "
         "cache, keyed by the state each assumes; the verifier takes the matching one with no round trip."))
+    speculation_outcomes: int = Field(3, ge=1, le=8, description=(
+        "Most verdict outcomes a drafter pushes a draft for per draft: the whole draft accepted, then "
+        "first rejections at the positions it finds likeliest (with the token it expects there). The "
+        "drafter covers fewer where its drafts would not be ready before the verdict or are rarely taken; "
+        "1 = only the whole draft accepted."))
     tree_nodes: int = Field(0, ge=0, le=63, description=(
         "> 0: the model drafter drafts token trees of up to this many tokens (depth = the chosen draft "
         "length) instead of chains; 0 = chains."))

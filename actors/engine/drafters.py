@@ -11,6 +11,7 @@ needs the verifier's state and may be replaced or restarted at any time.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -35,10 +36,27 @@ class Draft:
     parents: list[int] | None = None  # a token tree: parent draft index of each token, -1 = the root (None: a chain)
     catch_up: bool = False  # the drafter fed other context before drafting (what it missed, a new prompt): no cost sample
     fed_missed: bool = False  # a remote drafter also fed a few tokens it had missed: no draft-cost sample (a round-trip one)
+    # model drafts: per token, (the drafter's probability of it, its likeliest other token, that
+    # token's probability): what the drafter expects of the verdict (Branch)
+    beliefs: list[tuple[float, int, float]] | None = None
 
     def tree_parents(self) -> list[int]:
         """Parent of every draft token (-1: the pending token); a chain's are i - 1."""
         return self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
+
+
+@dataclass
+class Branch:
+    """A draft made ahead for the verdict that rejects the last draft first at position `j` and
+    emits `token` (the drafter's likeliest other token there): the speculation cache's other
+    outcomes (ModelDrafter.take_pushes)."""
+
+    j: int
+    token: int
+    k: int  # tokens wanted
+    draft: Draft = field(default_factory=lambda: Draft([], beliefs=[]))
+    done: bool = False  # k reached or the confidence stop ended it
+    pushed: int = 0  # tokens of it pushed so far
 
 
 @dataclass
@@ -72,6 +90,12 @@ class SeqState:
     ahead_ok: bool = True  # drafting ahead of the last draft is allowed (ModelDrafter's hit-rate gate)
     push: bool = False  # the verifier keeps a speculation cache: push `ahead` once complete (take_pushes)
     pushed: int = 0  # tokens of `ahead` pushed so far for the verdict now awaited
+    push_outcomes: int = 1  # most verdict outcomes pushed per draft (Start.push_outcomes)
+    beliefs: list = field(default_factory=list)  # Draft.beliefs of last_draft ([] if unknown)
+    branches: list | None = None  # Branch drafts for the verdict now awaited (None: not planned yet)
+    kv_branch: Branch | None = None  # the branch the KV cache holds past context + last_draft[:j]
+    sent_at: float = 0.0  # when the last draft went out (monotonic)
+    verdict_s: float | None = None  # decayed mean time from a draft to its verdict
 
 
 class BaseDrafter:
@@ -249,6 +273,11 @@ class NgramDrafter(BaseDrafter):
 AHEAD_MIN_HIT_RATE = 0.1  # below this share of verdicts confirming it, drafting ahead is explored only
 AHEAD_EXPLORE_EVERY = 16  # ... on one draft in this many (to notice when it starts paying)
 AHEAD_EMA = 0.05  # decay of the hit counts per verdict on work drafted ahead (~20 verdicts of memory)
+# A rejection outcome is drafted for only where the drafter itself gives it at least this chance
+# (the draft accepted up to there, then its likeliest other token), and only while such drafts
+# are taken at least half as often (else explored on one draft in AHEAD_EXPLORE_EVERY).
+BRANCH_MIN_PROB = 0.1
+TIME_EMA = 0.2  # weight of the newest sample in the drafter's forward time and each verdict's wait
 
 # A draft's first forward normally feeds the verdict's tokens the cache lacks: the emitted token,
 # and the last draft when the whole draft was accepted. More means the drafter is catching up on
@@ -305,6 +334,13 @@ class ModelDrafter(BaseDrafter):
         self.lookup_drafts = 0  # drafts that came from prompt lookup
         self.ahead_hits = 0  # verdicts that confirmed pipelined work
         self.ahead_misses = 0  # verdicts that discarded it
+        # the speculation cache's other outcomes: rejections drafted for (Branch)
+        self.forward_s: float | None = None  # decayed mean time of one drafting-ahead forward
+        self.verdict_s: float | None = None  # ... from a draft to its verdict, over all sequences
+        self.branch_min_prob = BRANCH_MIN_PROB
+        self._branch_rate_hits, self._branch_rate_trials = 1.0, 1.0
+        self.branch_pushes = 0  # Branch drafts pushed
+        self.branch_hits = 0  # verdicts that a Branch draft was made for
 
     def swap_weights(self, state: dict, version: str) -> None:
         """Load new weights (same architecture) between rounds. Every live sequence keeps its
@@ -321,6 +357,7 @@ class ModelDrafter(BaseDrafter):
             st.fed = 0
             self.runner.truncate(st.slot, 0)
             st.guess, st.ahead, st.ahead_done, st.ready, st.ready_done = None, None, False, None, False
+            st.branches, st.kv_branch = None, None
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Reserve a cache slot and prefill all but the last prompt token (admission, not drafting)."""
@@ -350,24 +387,54 @@ class ModelDrafter(BaseDrafter):
     def verdict(self, seq_id: int, accepted: int, next_token: int, path: list[int] | None = None) -> None:
         st = self.seqs[seq_id]
         base = len(st.context)
+        held = self._cache_holds(st)
         # the whole draft accepted and the guessed token emitted: the work drafted ahead holds
         hit = st.guess == next_token and accepted == len(st.last_draft) and st.ahead is not None
+        # ... or the first rejection and the token emitted there are those a Branch was drafted for
+        branch = None if hit or path is not None else next(
+            (b for b in st.branches or [] if b.j == accepted and b.token == next_token and b.draft.tokens), None)
         super().verdict(seq_id, accepted, next_token, path)
         if st.guess is not None:  # work was drafted ahead of this verdict
             keep = 1.0 - AHEAD_EMA
             self._ahead_rate_hits = keep * self._ahead_rate_hits + float(hit)
             self._ahead_rate_trials = keep * self._ahead_rate_trials + 1.0
+        if st.branches:
+            keep = 1.0 - AHEAD_EMA
+            self._branch_rate_hits = keep * self._branch_rate_hits + float(branch is not None)
+            self._branch_rate_trials = keep * self._branch_rate_trials + 1.0
         if hit:
-            # the cache holds context + ahead drafts, all still valid: keep them
             st.ready, st.ready_done = st.ahead, st.ahead_done
             self.ahead_hits += 1
+        elif branch is not None:
+            st.ready, st.ready_done = branch.draft, branch.done
+            self.branch_hits += 1
         else:
             self.ahead_misses += st.guess is not None
-            # the cache holds context + fed drafts; keep only the drafts the verifier accepted
-            st.fed = min(st.fed, base + accepted)
-            self.runner.truncate(st.slot, st.fed)
             st.ready = None
+        # the cache keeps what it holds of the new context and the draft ready to follow it
+        new = st.context[base:] + (st.ready.tokens if st.ready is not None else [])
+        self._cut(st, base + _common_prefix(held, new))
+        if st.sent_at:
+            waited = time.monotonic() - st.sent_at
+            st.verdict_s = waited if st.verdict_s is None else (1 - TIME_EMA) * st.verdict_s + TIME_EMA * waited
+            self.verdict_s = waited if self.verdict_s is None else (1 - TIME_EMA) * self.verdict_s + TIME_EMA * waited
         st.awaiting, st.guess, st.ahead, st.ahead_done, st.pushed = False, None, None, False, 0
+        st.branches, st.kv_branch, st.sent_at = None, None, 0.0
+
+    def _cache_holds(self, st: SeqState) -> list[int]:
+        """The tokens past the context of which the KV cache holds a prefix (st.fed - context)."""
+        if st.kv_branch is not None:
+            b = st.kv_branch
+            return st.last_draft[: b.j] + [b.token] + b.draft.tokens
+        if st.ready is not None:  # a verdict came, the next draft has not been asked for yet
+            return list(st.ready.tokens)
+        return st.last_draft + ([st.guess] + st.ahead.tokens if st.guess is not None else [])
+
+    def _cut(self, st: SeqState, length: int) -> None:
+        """Keep at most `length` tokens of the sequence in the KV cache."""
+        if st.fed > length:
+            st.fed = length
+            self.runner.truncate(st.slot, length)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Draft]:
         drafts = {r.seq_id: self._from_ready(r) for r in reqs}
@@ -376,9 +443,11 @@ class ModelDrafter(BaseDrafter):
                 and not self._ready_complete(r, drafts[r.seq_id])]
         if live:
             self._draft_rounds(live, drafts)
+        now = time.monotonic()
         for r in reqs:
             st = self.seqs[r.seq_id]
             st.last_draft, st.awaiting, st.last_k = drafts[r.seq_id].tokens, True, r.k
+            st.beliefs, st.sent_at, st.branches = list(drafts[r.seq_id].beliefs or []), now, None
             st.ready = None
             self._drafts_sent += 1
             st.ahead_ok = self.ahead_hit_rate >= self.ahead_min_hit_rate \
@@ -388,10 +457,11 @@ class ModelDrafter(BaseDrafter):
     def _from_ready(self, r: DraftRequest) -> Draft:
         """The start of this sequence's draft that pipelined drafting already produced."""
         st = self.seqs[r.seq_id]
-        draft = Draft([], requested=r.k)
+        draft = Draft([], requested=r.k, beliefs=[])
         if st.ready is not None and r.k > 0 and st.ready.tokens:
             take = min(r.k, len(st.ready.tokens))
             draft.tokens = st.ready.tokens[:take]
+            draft.beliefs = list(st.ready.beliefs or [])[:take]
             if st.ready.q_ids is not None:
                 draft.q_ids, draft.q_probs = st.ready.q_ids[:take], st.ready.q_probs[:take]
         return draft
@@ -408,7 +478,7 @@ class ModelDrafter(BaseDrafter):
         if st.fed > len(st.context):  # the cache holds drafts past the context: not this draft's
             st.fed = len(st.context)
             self.runner.truncate(st.slot, st.fed)
-        drafts[r.seq_id] = lookup_draft(tokens, r.k, st.params)
+        drafts[r.seq_id] = lookup_draft(tokens, r.k, st.params)  # no beliefs: no Branch after it
         self.lookup_drafts += 1
         return True
 
@@ -451,8 +521,52 @@ class ModelDrafter(BaseDrafter):
             return False
         return st.guess is None or len(st.ahead.tokens) < st.last_k  # guess and ahead are set together
 
+    def _wants_branch(self, st: SeqState) -> bool:
+        """Whether a Branch is to be planned or drafted: only once the work for the likeliest
+        outcome (all accepted) is complete, for sequences whose verifier keeps the cache."""
+        if not (st.push and st.awaiting and st.push_outcomes > 1 and st.guess is not None) or self._wants_ahead(st):
+            return False
+        return st.branches is None or any(not b.done for b in st.branches)
+
     def has_ahead_work(self) -> bool:
-        return any(self._wants_ahead(st) for st in self.seqs.values())
+        return any(self._wants_ahead(st) or self._wants_branch(st) for st in self.seqs.values())
+
+    @property
+    def branch_hit_rate(self) -> float:
+        """The recent share of verdicts with Branch drafts made for them that one matched."""
+        return self._branch_rate_hits / self._branch_rate_trials
+
+    def _plan_branches(self, seq_id: int, st: SeqState) -> list[Branch]:
+        """The rejection outcomes worth a draft before the verdict comes: the cost model.
+
+        Outcome j (the draft accepted up to j, the drafter's likeliest other token emitted
+        there) has the chance the drafter's own probabilities give it; the likeliest ones of
+        at least `branch_min_prob` are covered, at most push_outcomes - 1 of them (the first
+        outcome is the whole draft accepted), each only if its draft (at least half of k) fits
+        in the time left until the verdict, which the sequence's recent verdicts measure (all
+        sequences' for a new one), at the
+        drafter's measured forward time. Positions where the verifier's prompt lookup drafts
+        anyway are skipped."""
+        verdict_s = st.verdict_s if st.verdict_s is not None else self.verdict_s  # a new sequence: everyone's
+        if not st.beliefs or len(st.beliefs) != len(st.last_draft) or verdict_s is None or self.forward_s is None:
+            return []
+        if self.branch_hit_rate < self.branch_min_prob / 2 and self._drafts_sent % AHEAD_EXPLORE_EVERY:
+            return []
+        reach, chances = 1.0, []
+        for j, (p, alt, p_alt) in enumerate(st.beliefs):
+            if reach * p_alt >= self.branch_min_prob and not self._lookup_follows(seq_id, st, st.last_draft[:j] + [alt]):
+                chances.append((reach * p_alt, j, alt))
+            reach *= p
+        chances.sort(reverse=True)
+        left = verdict_s - (time.monotonic() - st.sent_at)
+        out = []
+        for _, j, alt in chances[: st.push_outcomes - 1]:
+            k = min(st.last_k, int(left / self.forward_s) - 1)  # a forward feeds the emitted token
+            if k < max(1, (st.last_k + 1) // 2):
+                break
+            out.append(Branch(j, alt, k))
+            left -= (k + 1) * self.forward_s
+        return out
 
     def take_pushes(self) -> list[tuple[int, int, int, Draft]]:
         """Work drafted ahead for sequences whose verifier keeps a speculation cache: the draft
@@ -469,6 +583,14 @@ class ModelDrafter(BaseDrafter):
             st.pushed = n
             draft = Draft(list(st.ahead.tokens), st.ahead.q_ids, st.ahead.q_probs, requested=st.last_k)
             out.append((seq_id, len(st.context) + len(st.last_draft) + 1, st.guess, draft))
+        for seq_id, st in self.seqs.items():
+            for b in (st.branches or []) if st.push and st.awaiting else []:
+                n = len(b.draft.tokens)
+                if n > b.pushed and (b.done or (b.pushed == 0 and 2 * n >= b.k)):
+                    b.pushed = n
+                    self.branch_pushes += 1
+                    draft = Draft(list(b.draft.tokens), b.draft.q_ids, b.draft.q_probs, requested=b.k)
+                    out.append((seq_id, len(st.context) + b.j + 1, b.token, draft))
         return out
 
     def took(self, seq_id: int, tokens: list[int], k: int) -> None:
@@ -479,34 +601,63 @@ class ModelDrafter(BaseDrafter):
         on_branch = st.ready is not None and st.ready.tokens[: len(tokens)] == list(tokens)
         st.fed = min(st.fed, len(st.context) + (len(tokens) if on_branch else 0))
         self.runner.truncate(st.slot, st.fed)
+        beliefs = list(st.ready.beliefs or [])[: len(tokens)] if on_branch else []
         super().took(seq_id, tokens, k)
+        st.beliefs, st.sent_at, st.branches = beliefs, time.monotonic(), None
         self._drafts_sent += 1
 
     def draft_ahead(self) -> None:
-        """One batched forward of pipelined drafting for every sequence awaiting a verdict."""
-        work_ids = [seq_id for seq_id, st in self.seqs.items() if self._wants_ahead(st)]
-        work = [self.seqs[seq_id] for seq_id in work_ids]
+        """One batched forward of pipelined drafting for every sequence awaiting a verdict: the
+        draft for the whole last draft accepted first, then its Branches (one KV cache row per
+        sequence: a Branch drafts past the prefix it shares with what the row holds)."""
+        for seq_id, st in self.seqs.items():
+            if st.branches is None and self._wants_branch(st):
+                st.branches = self._plan_branches(seq_id, st)
+        work: list[tuple[int, SeqState, Branch | None]] = []
+        for seq_id, st in self.seqs.items():
+            if self._wants_ahead(st):
+                work.append((seq_id, st, None))
+            elif self._wants_branch(st):
+                work.append((seq_id, st, next(b for b in st.branches if not b.done)))
         if not work:
             return
-        futures = [st.context + st.last_draft + ([] if st.guess is None else [st.guess])
-                   + (st.ahead.tokens if st.ahead else []) for st in work]
-        logits = self._forward(work, [self._unfed(st, f) for f, st in zip(futures, work)])
-        for seq_id, st, future, row in zip(work_ids, work, futures, logits):
+        futures = []
+        for _, st, b in work:
+            if b is None:
+                futures.append(st.context + st.last_draft + ([] if st.guess is None else [st.guess])
+                               + (st.ahead.tokens if st.ahead else []))
+                continue
+            tail = st.last_draft[: b.j] + [b.token] + b.draft.tokens
+            if st.kv_branch is not b:
+                self._cut(st, len(st.context) + _common_prefix(self._cache_holds(st), tail))
+                st.kv_branch = b
+            futures.append(st.context + tail)
+        states = [st for _, st, _ in work]
+        feeds = [self._unfed(st, f) for st, f in zip(states, futures)]
+        t0 = time.perf_counter()
+        logits = self._forward(states, feeds)
+        if max(len(f) for f in feeds) <= CATCH_UP_TOKENS:  # a draft step's cost, not a catch-up's
+            took = time.perf_counter() - t0
+            self.forward_s = took if self.forward_s is None else (1 - TIME_EMA) * self.forward_s + TIME_EMA * took
+        for (seq_id, st, b), future, row in zip(work, futures, logits):
+            if b is not None:
+                b.done = not self._pick(st, row, b.draft, len(future)) or len(b.draft.tokens) >= b.k
+                continue
             if st.guess is None:
-                st.guess, st.ahead = int(row.argmax()), Draft([])
-                st.ahead_done = self._lookup_follows(seq_id, st)
+                st.guess, st.ahead = int(row.argmax()), Draft([], beliefs=[])
+                st.ahead_done = self._lookup_follows(seq_id, st, st.last_draft + [st.guess])
                 continue
             position = len(future)  # == len(context after the hoped-for verdict) + drafted ahead
             st.ahead_done = not self._pick(st, row, st.ahead, position)
 
-    def _lookup_follows(self, seq_id: int, st: SeqState) -> bool:
-        """Whether the verifier's prompt lookup will draft after the hoped-for verdict (the whole
-        last draft accepted, then the guess): its last `ahead_lookup` tokens occurred before (in
-        the context; drafts are not looked at)."""
+    def _lookup_follows(self, seq_id: int, st: SeqState, tail: list[int]) -> bool:
+        """Whether the verifier's prompt lookup will draft after a verdict that extends the
+        context by `tail`: its last `ahead_lookup` tokens occurred before (in the context;
+        drafts are not looked at)."""
         if self.ahead_index is None:
             return False
         n = self.ahead_index.min_n
-        gram = (st.context[-n:] + st.last_draft + [st.guess])[-n:]
+        gram = (st.context[-n:] + tail)[-n:]
         return len(gram) == n and self.ahead_index.occurred(seq_id, st.context, gram)
 
     # -- one forward and one token ----------------------------------------------------------------
@@ -556,16 +707,31 @@ class ModelDrafter(BaseDrafter):
         it keys the random numbers, so a token drafted ahead equals the one drafted later.
         """
         if st.params.greedy:
-            conf, token = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-            if float(conf) < self.confidence_threshold:
+            top = torch.topk(torch.softmax(logits.float(), dim=-1), 2)
+            if float(top.values[0]) < self.confidence_threshold:
                 return False
-            draft.tokens.append(int(token))
+            draft.tokens.append(int(top.indices[0]))
+            if draft.beliefs is not None:
+                draft.beliefs.append((float(top.values[0]), int(top.indices[1]), float(top.values[1])))
             return True
         ids, probs, noise = self._sparse_q(st, logits, length)
-        token = int(ids[sample_from(probs, noise)])
+        chosen = sample_from(probs, noise)
+        token = int(ids[chosen])
         if float(probs[0]) < self.confidence_threshold:
             return False
         draft.tokens.append(token)
+        if draft.beliefs is not None and ids.shape[0] > 1:
+            other = 1 if int(chosen) == 0 else 0  # q's likeliest token other than the one drawn
+            draft.beliefs.append((float(probs[chosen]), int(ids[other]), float(probs[other])))
         draft.q_ids = ids.view(1, -1) if draft.q_ids is None else torch.cat([draft.q_ids, ids.view(1, -1)])
         draft.q_probs = probs.view(1, -1) if draft.q_probs is None else torch.cat([draft.q_probs, probs.view(1, -1)])
         return True
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

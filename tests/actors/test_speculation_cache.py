@@ -134,6 +134,39 @@ def test_a_late_push_and_a_push_after_the_sequence_ended_are_dropped(models):
         server.stop()
 
 
+class BranchingDrafter(ModelDrafter):
+    """Drafts for every rejection outcome that fits before the verdict, however unlikely."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.branch_min_prob = 0.0
+
+
+def jittered(model, scale: float = 0.1, seed: int = 3):
+    """`model` with noise on its weights: a drafter that often agrees with it and, where it does
+    not, often has its token second (so drafts for rejection outcomes get taken)."""
+    near = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in near.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * w.std().nan_to_num(0.0) * scale)
+    return near
+
+
+def test_drafts_pushed_for_rejection_outcomes_are_taken_and_output_equals_transformers(models):
+    target, _, want = models
+    server = DraftServerThread(BranchingDrafter(runner(jittered(target), max_num_seqs=8), confidence_threshold=0.0),
+                               pipelined=True)
+    try:
+        outputs, pool = generate(target, server, until=lambda pool: server.worker.drafter.branch_hits > 0)
+    finally:
+        server.stop()
+    assert all(out == want for out in outputs)
+    drafter = server.worker.drafter
+    assert drafter.branch_pushes > 0 and drafter.branch_hits > 0
+    assert pool.cached_outcomes > pool.cache_decisions > 0  # more than one outcome covered per step
+
+
 def test_a_drafter_killed_while_pushing_loses_no_request(models):
     target, _, want = models
     server = pushing_server(target)
@@ -181,20 +214,30 @@ def exact_fourth_token(target) -> torch.Tensor:
     return (weights[:, None] * last).sum(0)
 
 
-def cached_samples() -> tuple[torch.Tensor, int]:
+def cached_samples(drafter_kind: str = "self") -> tuple[torch.Tensor, int, int]:
     """The generated tokens of N seeded sampled requests drafted through a pushing draft
-    server (k = 2, so a request's second block can come from the cache), and the cache hits."""
+    server (k = 2, so a request's second block can come from the cache), the cache hits and the
+    verdicts a draft for a rejection outcome was pushed for.
+
+    `self`: the target drafts for itself (q = p): every draft is accepted, so a block's drafts
+    come from the cache whenever the bonus token is the drafter's guess (its argmax). `sharper`:
+    the target at half its temperature drafts (q = p^2, renormalised), with drafts pushed for
+    every rejection outcome too: q overrates the token it drew, so rejections are common, and
+    the residual the verifier then samples from favours q's next likeliest token, the one
+    those drafts assume."""
     from specserve.actors.engine.draft_length import DraftLengthConfig
     from specserve.actors.engine.engine import SpeculativeEngine
     from specserve.actors.engine.runner import ModelRunner, RunnerConfig
     from specserve.actors.remote_drafter import RemoteDrafterPool
 
-    # the target drafts for itself (q = p): every draft is accepted, so a block's drafts come
-    # from the cache whenever the bonus token is the drafter's guess (its argmax)
     target, _ = tiny_pair()
-    drafter = target
+    drafter = copy.deepcopy(target)
+    if drafter_kind == "sharper":
+        with torch.no_grad():
+            drafter.lm_head.weight.mul_(2.0)
     rc = RunnerConfig(max_num_seqs=64, max_seq_len=32, dtype=torch.float64, lean=True)
-    server = DraftServerThread(ModelDrafter(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0),
+    cls = ModelDrafter if drafter_kind == "self" else BranchingDrafter
+    server = DraftServerThread(cls(ModelRunner(copy.deepcopy(drafter), rc), confidence_threshold=0.0),
                                pipelined=True)
     pool = RemoteDrafterPool(lambda: [server.endpoint], VOCAB, deadline_s=5.0)
     try:
@@ -205,7 +248,7 @@ def cached_samples() -> tuple[torch.Tensor, int]:
     finally:
         pool.close()
         server.stop()
-    return torch.tensor([r.token_ids for r in results]), pool.cache_hits
+    return torch.tensor([r.token_ids for r in results]), pool.cache_hits, server.worker.drafter.branch_hits
 
 
 def tv(samples: torch.Tensor, exact: torch.Tensor) -> float:
@@ -214,12 +257,15 @@ def tv(samples: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_sampling_through_the_speculation_cache_keeps_the_targets_distribution():
+@pytest.mark.parametrize("drafter_kind", ["self", "sharper"])
+def test_sampling_through_the_speculation_cache_keeps_the_targets_distribution(drafter_kind):
     from .engine.test_sampling_lossless import exact_marginals, tv_bound
 
     target, _ = tiny_pair()
-    samples, hits = cached_samples()
+    samples, hits, branch_hits = cached_samples(drafter_kind)
     assert hits >= N // 10  # many second blocks came from the cache
+    if drafter_kind == "sharper":
+        assert branch_hits >= N // 50  # ... some after a rejection
     first, _ = exact_marginals(target, PROMPT)
     assert tv(samples[:, 0], first) < tv_bound(VOCAB, N)
     assert tv(samples[:, 3], exact_fourth_token(target)) < tv_bound(VOCAB, N)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecserve/v1/drafting.proto\x12\x0cspecserve.v1\"\x90\x01\n\x0fVerifierMessage\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.specserve.v1.StartH\x00\x12(\n\x07verdict\x18\x02 \x01(\x0b\x32\x15.specserve.v1.VerdictH\x00\x12\"\n\x04stop\x18\x03 \x01(\x0b\x32\x12.specserve.v1.StopH\x00\x42\t\n\x07message\"\xc1\x01\n\x05Start\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\t\n\x01k\x18\x07 \x01(\r\x12\x12\n\ntree_nodes\x18\x08 \x01(\r\x12\x0c\n\x04push\x18\t \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x95\x01\n\x07Verdict\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0c\n\x04path\x18\x05 \x03(\r\x12\x12\n\ntree_nodes\x18\x06 \x01(\r\x12\x13\n\x0bthen_tokens\x18\x07 \x03(\r\x12\r\n\x05taken\x18\x08 \x03(\r\"\x1b\n\x04Stop\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\"s\n\x0e\x44rafterMessage\x12$\n\x05\x64raft\x18\x01 \x01(\x0b\x32\x13.specserve.v1.DraftH\x00\x12\x30\n\x0bspeculation\x18\x02 \x01(\x0b\x32\x19.specserve.v1.SpeculationH\x00\x42\t\n\x07message\"r\n\x0bSpeculation\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nlast_token\x18\x03 \x01(\r\x12\"\n\x05\x64raft\x18\x04 \x01(\x0b\x32\x13.specserve.v1.Draft\"\xcb\x01\n\x05\x44raft\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specserve.v1.SparseDistribution\x12\x16\n\x0eweight_version\x18\x04 \x01(\t\x12\x18\n\x10unknown_sequence\x18\x05 \x01(\x08\x12\x15\n\rdraft_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\r\x12\x0f\n\x07parents\x18\x08 \x03(\x05\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\x32T\n\x08\x44rafting\x12H\n\x05\x44raft\x12\x1d.specserve.v1.VerifierMessage\x1a\x1c.specserve.v1.DrafterMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecserve/v1/drafting.proto\x12\x0cspecserve.v1\"\x90\x01\n\x0fVerifierMessage\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.specserve.v1.StartH\x00\x12(\n\x07verdict\x18\x02 \x01(\x0b\x32\x15.specserve.v1.VerdictH\x00\x12\"\n\x04stop\x18\x03 \x01(\x0b\x32\x12.specserve.v1.StopH\x00\x42\t\n\x07message\"\xd8\x01\n\x05Start\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\t\n\x01k\x18\x07 \x01(\r\x12\x12\n\ntree_nodes\x18\x08 \x01(\r\x12\x0c\n\x04push\x18\t \x01(\x08\x12\x15\n\rpush_outcomes\x18\n \x01(\rB\x08\n\x06_top_pB\x07\n\x05_seed\"\x95\x01\n\x07Verdict\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0c\n\x04path\x18\x05 \x03(\r\x12\x12\n\ntree_nodes\x18\x06 \x01(\r\x12\x13\n\x0bthen_tokens\x18\x07 \x03(\r\x12\r\n\x05taken\x18\x08 \x03(\r\"\x1b\n\x04Stop\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\"s\n\x0e\x44rafterMessage\x12$\n\x05\x64raft\x18\x01 \x01(\x0b\x32\x13.specserve.v1.DraftH\x00\x12\x30\n\x0bspeculation\x18\x02 \x01(\x0b\x32\x19.specserve.v1.SpeculationH\x00\x42\t\n\x07message\"r\n\x0bSpeculation\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nlast_token\x18\x03 \x01(\r\x12\"\n\x05\x64raft\x18\x04 \x01(\x0b\x32\x13.specserve.v1.Draft\"\xcb\x01\n\x05\x44raft\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specserve.v1.SparseDistribution\x12\x16\n\x0eweight_version\x18\x04 \x01(\t\x12\x18\n\x10unknown_sequence\x18\x05 \x01(\x08\x12\x15\n\rdraft_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\r\x12\x0f\n\x07parents\x18\x08 \x03(\x05\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\x32T\n\x08\x44rafting\x12H\n\x05\x44raft\x12\x1d.specserve.v1.VerifierMessage\x1a\x1c.specserve.v1.DrafterMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFIERMESSAGE']._serialized_start=46
   _globals['_VERIFIERMESSAGE']._serialized_end=190
   _globals['_START']._serialized_start=193
-  _globals['_START']._serialized_end=386
-  _globals['_VERDICT']._serialized_start=389
-  _globals['_VERDICT']._serialized_end=538
-  _globals['_STOP']._serialized_start=540
-  _globals['_STOP']._serialized_end=567
-  _globals['_DRAFTERMESSAGE']._serialized_start=569
-  _globals['_DRAFTERMESSAGE']._serialized_end=684
-  _globals['_SPECULATION']._serialized_start=686
-  _globals['_SPECULATION']._serialized_end=800
-  _globals['_DRAFT']._serialized_start=803
-  _globals['_DRAFT']._serialized_end=1006
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=1008
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=1062
-  _globals['_DRAFTING']._serialized_start=1064
-  _globals['_DRAFTING']._serialized_end=1148
+  _globals['_START']._serialized_end=409
+  _globals['_VERDICT']._serialized_start=412
+  _globals['_VERDICT']._serialized_end=561
+  _globals['_STOP']._serialized_start=563
+  _globals['_STOP']._serialized_end=590
+  _globals['_DRAFTERMESSAGE']._serialized_start=592
+  _globals['_DRAFTERMESSAGE']._serialized_end=707
+  _globals['_SPECULATION']._serialized_start=709
+  _globals['_SPECULATION']._serialized_end=823
+  _globals['_DRAFT']._serialized_start=826
+  _globals['_DRAFT']._serialized_end=1029
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=1031
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=1085
+  _globals['_DRAFTING']._serialized_start=1087
+  _globals['_DRAFTING']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)

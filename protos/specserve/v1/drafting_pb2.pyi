@@ -17,7 +17,7 @@ class VerifierMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("sequence_id", "prompt_token_ids", "temperature", "top_k", "top_p", "seed", "k", "tree_nodes", "push")
+    __slots__ = ("sequence_id", "prompt_token_ids", "temperature", "top_k", "top_p", "seed", "k", "tree_nodes", "push", "push_outcomes")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class Start(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     temperature: float
@@ -36,7 +37,8 @@ class Start(_message.Message):
     k: int
     tree_nodes: int
     push: bool
-    def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., push: _Optional[bool] = ...) -> None: ...
+    push_outcomes: int
+    def __init__(self, sequence_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., k: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., push: _Optional[bool] = ..., push_outcomes: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("sequence_id", "accepted", "next_token", "k", "path", "tree_nodes", "then_tokens", "taken")
