@@ -51,10 +51,15 @@ def free_port() -> int:
 
 
 def ray_test_env() -> str:
-    """Own temp dir (short: Ray's socket paths are length-limited) and no token auth on loopback."""
+    """Own temp dir (short: Ray's socket paths are length-limited) and no token auth on loopback.
+    RAY_TMPDIR points there too: what Ray writes outside a session's temp dir (the address file
+    of ray.cluster_utils.Cluster) goes to $RAY_TMPDIR/ray, else /tmp/ray, which need not exist."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return tempfile.mkdtemp(prefix="ssr-", dir="/tmp")
+    temp_dir = tempfile.mkdtemp(prefix="ssr-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"))  # Ray's default temp dir under RAY_TMPDIR
+    return temp_dir
 
 
 def demo_config(**overrides):
