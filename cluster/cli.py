@@ -17,10 +17,20 @@ def _train_demo(args: argparse.Namespace) -> int:
         target_minutes=args.target_minutes,
         drafter_minutes=args.drafter_minutes,
         threads=args.threads,
+        checkpoint_dir=None if args.checkpoint_dir == "" else Path(args.checkpoint_dir),
+        device=_train_device(args.device),
     )
     stats = run_recipe(cfg)
     print(json.dumps(stats, indent=2))
     return 0
+
+
+def _train_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -262,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-minutes", type=float, default=60.0, help="wall-clock budget for the target")
     p.add_argument("--drafter-minutes", type=float, default=15.0, help="wall-clock budget for the drafter")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--checkpoint-dir", default="runs/train-demo",
+                   help="checkpoints of each stage, every 5 minutes and at its end; a run with the same "
+                        "directory resumes there (raise a budget to train a finished stage further); '' = none")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_train_demo)
     return parser
 

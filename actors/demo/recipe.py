@@ -7,6 +7,12 @@
 
 Each stage runs for a wall-clock budget, with the learning rate following the fraction of the
 budget spent, so the recipe fits whatever time the machine allows. Progress is logged.
+
+Training is resumable: each stage checkpoints its model, optimizer, data stream and time spent
+to `checkpoint_dir` every few minutes and when its budget is spent, and a run given the same
+`checkpoint_dir` picks up where the last one stopped (a finished stage is not trained again
+unless its budget was raised). So a long recipe can run in pieces, in the background, and on a
+GPU where there is one (`device`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ class RecipeConfig:
     kd_weight: float = 0.8  # share of forward-KL in the drafter loss; the rest is cross-entropy
     seed: int = 0
     threads: int = 2
+    checkpoint_dir: Path | None = None  # resumable stages (None: no checkpoints)
+    checkpoint_every_s: float = 300.0
+    device: str = "cpu"
     stats: dict = field(default_factory=dict)
 
 
@@ -120,22 +129,53 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def batches(tokens: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator):
-    """Endless random windows of `seq_len + 1` tokens.  # [batch, seq_len + 1]"""
-    span = seq_len + 1
-    while True:
-        starts = torch.randint(0, len(tokens) - span, (batch_size,), generator=gen)
-        yield torch.stack([tokens[s : s + span] for s in starts.tolist()])
+class Batches:
+    """Endless random windows of `seq_len + 1` tokens (on `device`), drawn with `gen`, whose
+    state is the stream's position (checkpoints save it).  # [batch, seq_len + 1]"""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator,
+                 device: str = "cpu"):
+        self.tokens, self.span, self.batch_size, self.gen, self.device = tokens, seq_len + 1, batch_size, gen, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.tokens) - self.span, (self.batch_size,), generator=self.gen)
+        return torch.stack([self.tokens[s : s + self.span] for s in starts.tolist()]).to(self.device)
 
 
-def train_for(model, loss_fn, data, minutes: float, peak_lr: float, name: str) -> float:
-    """Train `model` with AdamW until the time budget is spent; return the final mean loss."""
+def train_for(model, loss_fn, data, minutes: float, peak_lr: float, name: str, checkpoint: Path | None = None,
+              every_s: float = 300.0, max_steps: int | None = None) -> tuple[float, int]:
+    """Train `model` with AdamW until the time budget is spent (or `max_steps`, whose fraction
+    then sets the learning rate, as the budget's does otherwise); return the final mean loss
+    and the steps taken in all. `data` is a Batches stream. With `checkpoint`, a run resumes
+    from that file (model, optimizer, data stream, steps, time spent) and saves it every
+    `every_s` seconds and at the end."""
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    budget, start, step, recent = minutes * 60.0, time.monotonic(), 0, []
+    budget, step, recent, spent = minutes * 60.0, 0, [], 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        data.gen.set_state(state["data"])
+        step, recent, spent = state["step"], state["recent"], state["spent_s"]
+        log.info("%s: resumed at step %d, %.0f of %.0f s spent", name, step, spent, budget)
+    start, saved = time.monotonic() - spent, time.monotonic()
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "data": data.gen.get_state(),
+                        "step": step, "recent": recent, "spent_s": time.monotonic() - start}, tmp)
+            tmp.replace(checkpoint)  # a run killed mid-save keeps the previous checkpoint
+
     model.train()
-    while (elapsed := time.monotonic() - start) < budget:
+    while (elapsed := time.monotonic() - start) < budget and (max_steps is None or step < max_steps):
+        progress = step / max_steps if max_steps is not None else elapsed / budget
         for group in opt.param_groups:
-            group["lr"] = lr_at(elapsed / budget, peak_lr)
+            group["lr"] = lr_at(progress, peak_lr)
         loss = loss_fn(model, next(data))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,6 +185,10 @@ def train_for(model, loss_fn, data, minutes: float, peak_lr: float, name: str) -
         recent = (recent + [loss.item()])[-50:]
         if step % 25 == 0:
             log.info("%s step %d  %.0f/%.0fs  loss %.4f", name, step, elapsed, budget, sum(recent) / len(recent))
+        if time.monotonic() - saved >= every_s:
+            save()
+            saved = time.monotonic()
+    save()
     model.eval()
     return sum(recent) / max(1, len(recent)), step
 
@@ -174,7 +218,7 @@ def eval_loss(model, tokens: torch.Tensor, seq_len: int, max_windows: int = 64) 
     """Mean next-token cross-entropy over consecutive held-out windows."""
     span, losses = seq_len + 1, []
     for i in range(min(max_windows, (len(tokens) - 1) // span)):
-        window = tokens[i * span : (i + 1) * span].unsqueeze(0)
+        window = tokens[i * span : (i + 1) * span].unsqueeze(0).to(model.device)
         losses.append(ce_loss(model, window).item())
     return sum(losses) / len(losses)
 
@@ -184,7 +228,7 @@ def greedy_agreement(target, drafter, tokens: torch.Tensor, seq_len: int, max_wi
     """Share of held-out positions where the drafter's argmax equals the target's argmax."""
     span, hits, total = seq_len + 1, 0, 0
     for i in range(min(max_windows, (len(tokens) - 1) // span)):
-        ids = tokens[i * span : (i + 1) * span - 1].unsqueeze(0)
+        ids = tokens[i * span : (i + 1) * span - 1].unsqueeze(0).to(target.device)
         a = target(input_ids=ids).logits.argmax(-1)
         b = drafter(input_ids=ids).logits.argmax(-1)
         hits += int((a == b).sum())
@@ -200,21 +244,31 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     train_files, held_files = stdlib_split()
     log.info("corpus: %d training files, %d held-out files", len(train_files), len(held_files))
-    tokenizer = train_tokenizer(train_files, cfg.vocab_size)
+    ckpt = cfg.checkpoint_dir
+    if ckpt is not None and (ckpt / "tokenizer" / "tokenizer.json").exists():  # resuming: the same ids
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt / "tokenizer")
+    else:
+        tokenizer = train_tokenizer(train_files, cfg.vocab_size)
+        if ckpt is not None:
+            tokenizer.save_pretrained(ckpt / "tokenizer")
     train_tokens = encode_corpus(tokenizer, train_files)
     held_tokens = encode_corpus(tokenizer, held_files)
     log.info("tokens: %d train, %d held-out", len(train_tokens), len(held_tokens))
     gen = torch.Generator().manual_seed(cfg.seed)
-    data = batches(train_tokens, cfg.seq_len, cfg.batch_size, gen)
+    data = Batches(train_tokens, cfg.seq_len, cfg.batch_size, gen, cfg.device)
     tokens_per_step = cfg.seq_len * cfg.batch_size
 
-    target = LlamaForCausalLM(llama_config(TARGET_SHAPE, tokenizer, cfg.seq_len))
-    t_loss, t_steps = train_for(target, ce_loss, data, cfg.target_minutes, cfg.target_lr, "target")
-    drafter = LlamaForCausalLM(llama_config(DRAFTER_SHAPE, tokenizer, cfg.seq_len))
+    def stage(name: str) -> dict:
+        return {"checkpoint": None if ckpt is None else ckpt / f"{name}.pt", "every_s": cfg.checkpoint_every_s}
+
+    target = LlamaForCausalLM(llama_config(TARGET_SHAPE, tokenizer, cfg.seq_len)).to(cfg.device)
+    t_loss, t_steps = train_for(target, ce_loss, data, cfg.target_minutes, cfg.target_lr, "target", **stage("target"))
+    drafter = LlamaForCausalLM(llama_config(DRAFTER_SHAPE, tokenizer, cfg.seq_len)).to(cfg.device)
     target.requires_grad_(False)
-    d_loss, d_steps = train_for(
-        drafter, kd_loss_fn(target, cfg.kd_weight), data, cfg.drafter_minutes, cfg.drafter_lr, "drafter"
-    )
+    d_loss, d_steps = train_for(drafter, kd_loss_fn(target, cfg.kd_weight), data, cfg.drafter_minutes,
+                                cfg.drafter_lr, "drafter", **stage("drafter"))
     stats = {
         "stdlib_root": str(stdlib_root()),
         "train_files": len(train_files),
@@ -246,7 +300,7 @@ def save_pair(out_dir: Path, tokenizer, target, drafter, train_files: list[Sourc
     for name, model in (("target", target), ("drafter", drafter)):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         # stored in bfloat16 to keep the shipped pair small; loaders upcast to their compute dtype
-        model.to(torch.bfloat16).save_pretrained(out_dir / name, safe_serialization=True)
+        model.to("cpu", torch.bfloat16).save_pretrained(out_dir / name, safe_serialization=True)
         tokenizer.save_pretrained(out_dir / name)
     (out_dir / "train_manifest.txt").write_text("\n".join(f.relpath for f in train_files) + "\n")
     (out_dir / "recipe_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
