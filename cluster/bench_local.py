@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.actors.demo import WEIGHTS_DIR, demo_path
-from specserve.actors.demo.corpus import is_held_out, iter_python_files, stdlib_root, third_party_files
+from specserve.actors.demo.corpus import def_prompts, is_held_out, iter_python_files, stdlib_root, third_party_files
 from specserve.actors.engine.build import EngineSpec, build_engine
 from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
@@ -53,18 +53,7 @@ def code_prompts(tokenizer, count: int, max_prompt_tokens: int = 96, seed: int =
     rng.shuffle(files)
     extra = third_party_files(limit=20 * count) if count > len(files) else []
     rng.shuffle(extra)
-    prompts = []
-    for f in files + extra:
-        lines = f.text.splitlines(keepends=True)
-        defs = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
-        if not defs:
-            continue
-        i = rng.choice(defs)
-        ids = tokenizer("".join(lines[max(0, i - 12) : i + 1]))["input_ids"]
-        prompts.append(ids[-max_prompt_tokens:])
-        if len(prompts) == count:
-            break
-    return prompts
+    return def_prompts(files + extra, tokenizer, count, max_prompt_tokens, rng)
 
 
 @dataclass

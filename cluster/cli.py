@@ -19,6 +19,7 @@ def _train_demo(args: argparse.Namespace) -> int:
         threads=args.threads,
         checkpoint_dir=None if args.checkpoint_dir == "" else Path(args.checkpoint_dir),
         device=_train_device(args.device),
+        corpus=args.corpus,
     )
     stats = run_recipe(cfg)
     print(json.dumps(stats, indent=2))
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints of each stage, every 5 minutes and at its end; a run with the same "
                         "directory resumes there (raise a budget to train a finished stage further); '' = none")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--corpus", choices=["stdlib", "code"], default="stdlib",
+                   help="stdlib: the standard library; code: it and every installed package's sources "
+                        "(one file in ten held out of each)")
     p.set_defaults(func=_train_demo)
     return parser
 

@@ -27,11 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specserve.actors.demo.corpus import SourceFile, stdlib_root, stdlib_split
+import random
+
+from specserve.actors.demo.corpus import SITE_PREFIX, SourceFile, code_split, def_prompts, stdlib_root, stdlib_split
 
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
+QUALITY_PROMPTS, QUALITY_TOKENS = 32, 64  # held-out prompts and greedy tokens of the quality figures
+DEMO_PROMPT = "def fibonacci(n):"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class RecipeConfig:
     checkpoint_dir: Path | None = None  # resumable stages (None: no checkpoints)
     checkpoint_every_s: float = 300.0
     device: str = "cpu"
+    corpus: str = "stdlib"  # stdlib | code (the stdlib and the installed packages' sources)
     stats: dict = field(default_factory=dict)
 
 
@@ -236,14 +241,59 @@ def greedy_agreement(target, drafter, tokens: torch.Tensor, seq_len: int, max_wi
     return hits / total
 
 
+def distinct_4gram_share(tokens: list[int]) -> float:
+    """Distinct 4-grams over all 4-grams of a token sequence: 1 for text that never repeats a
+    4-gram, near 0 for a degenerate loop."""
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `prompt` (no stop)."""
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=model.config.pad_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def pair_quality(target, drafter, tokenizer, held_files: list[SourceFile], seed: int = 0) -> dict:
+    """What a newcomer sees of the pair: on QUALITY_PROMPTS held-out `def` prompts, the mean
+    share of distinct 4-grams in each model's QUALITY_TOKENS greedy tokens and how often the
+    drafter's greedy token equals the target's along the target's output; and the target's
+    greedy reply to DEMO_PROMPT."""
+    rng = random.Random(seed)
+    files = [f for f in held_files if not f.relpath.startswith(SITE_PREFIX)] or list(held_files)
+    rng.shuffle(files)
+    prompts = def_prompts(files, tokenizer, QUALITY_PROMPTS, 96, rng)
+    t_share, d_share, agree, total = [], [], 0, 0
+    for p in prompts:
+        t_out, d_out = greedy_tokens(target, p, QUALITY_TOKENS), greedy_tokens(drafter, p, QUALITY_TOKENS)
+        t_share.append(distinct_4gram_share(t_out))
+        d_share.append(distinct_4gram_share(d_out))
+        ids = torch.tensor([p + t_out[:-1]], device=target.device)
+        with torch.no_grad():
+            b = drafter(input_ids=ids).logits[0, len(p) - 1 :].argmax(-1).tolist()
+        agree += sum(x == y for x, y in zip(b, t_out))
+        total += len(t_out)
+    demo = greedy_tokens(target, tokenizer(DEMO_PROMPT)["input_ids"], QUALITY_TOKENS)
+    return {"prompts": len(prompts), "tokens": QUALITY_TOKENS,
+            "target_distinct_4grams": round(sum(t_share) / len(t_share), 4),
+            "drafter_distinct_4grams": round(sum(d_share) / len(d_share), 4),
+            "greedy_agreement_on_target_output": round(agree / total, 4),
+            "demo_prompt": DEMO_PROMPT, "demo_output": tokenizer.decode(demo)}
+
+
 def run_recipe(cfg: RecipeConfig) -> dict:
     """Build the demo pair into `cfg.out_dir/{target,drafter}` and return the recipe stats."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    train_files, held_files = stdlib_split()
-    log.info("corpus: %d training files, %d held-out files", len(train_files), len(held_files))
+    if cfg.corpus not in ("stdlib", "code"):
+        raise ValueError(f"corpus must be stdlib or code, not {cfg.corpus!r}")
+    train_files, held_files = stdlib_split() if cfg.corpus == "stdlib" else code_split()
+    log.info("corpus %s: %d training files, %d held-out files", len(train_files), len(held_files))
     ckpt = cfg.checkpoint_dir
     if ckpt is not None and (ckpt / "tokenizer" / "tokenizer.json").exists():  # resuming: the same ids
         from transformers import PreTrainedTokenizerFast
@@ -269,7 +319,10 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     target.requires_grad_(False)
     d_loss, d_steps = train_for(drafter, kd_loss_fn(target, cfg.kd_weight), data, cfg.drafter_minutes,
                                 cfg.drafter_lr, "drafter", **stage("drafter"))
+    stdlib_held = [f for f in held_files if not f.relpath.startswith(SITE_PREFIX)]
+    stdlib_held_tokens = encode_corpus(tokenizer, stdlib_held) if len(stdlib_held) < len(held_files) else held_tokens
     stats = {
+        "corpus": cfg.corpus,
         "stdlib_root": str(stdlib_root()),
         "train_files": len(train_files),
         "held_out_files": len(held_files),
@@ -279,7 +332,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
             "steps": t_steps,
             "tokens_seen": t_steps * tokens_per_step,
             "final_train_loss": round(t_loss, 4),
-            "held_out_loss": round(eval_loss(target, held_tokens, cfg.seq_len), 4),
+            "held_out_loss": round(eval_loss(target, stdlib_held_tokens, cfg.seq_len), 4),  # stdlib files
+            "held_out_loss_all": round(eval_loss(target, held_tokens, cfg.seq_len), 4),
         },
         "drafter": {
             "parameters": sum(p.numel() for p in drafter.parameters()),
@@ -289,6 +343,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
             "held_out_loss": round(eval_loss(drafter, held_tokens, cfg.seq_len), 4),
         },
         "held_out_greedy_top1_agreement": round(greedy_agreement(target, drafter, held_tokens, cfg.seq_len), 4),
+        "quality": pair_quality(target, drafter, tokenizer, held_files, cfg.seed),
     }
     save_pair(cfg.out_dir, tokenizer, target, drafter, train_files, stats)
     return stats

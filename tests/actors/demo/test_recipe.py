@@ -63,3 +63,28 @@ def test_a_finished_stage_is_not_trained_again_and_a_raised_budget_trains_on(tmp
         assert torch.equal(a, b)
     _, steps = train(tiny(), ce_loss, path, steps=5)
     assert steps == 5 and torch.load(path, weights_only=False)["step"] == 5
+
+
+def test_distinct_4gram_share_tells_a_loop_from_varied_text():
+    from specserve.actors.demo.recipe import distinct_4gram_share
+
+    assert distinct_4gram_share(list(range(20))) == 1.0
+    assert distinct_4gram_share([1, 2] * 10) == pytest.approx(2 / 17)
+    assert distinct_4gram_share([1, 2, 3]) == 1.0  # no 4-gram at all
+
+
+def test_the_code_corpus_holds_out_a_tenth_of_each_root_and_benchmarks_skip_what_a_pair_trained_on(monkeypatch):
+    from specserve.actors.demo import corpus
+
+    train, held = corpus.code_split()
+    site_train = [f for f in train if f.relpath.startswith(corpus.SITE_PREFIX)]
+    site_held = [f for f in held if f.relpath.startswith(corpus.SITE_PREFIX)]
+    assert site_train and site_held  # this machine has installed packages' sources
+    assert not any(corpus.is_held_out(f.relpath) for f in train)
+    assert all(corpus.is_held_out(f.relpath) for f in held)
+    assert 0.05 < len(site_held) / (len(site_held) + len(site_train)) < 0.15
+    # a pair trained on the code corpus: the benchmarks' unseen third-party code leaves its files out
+    trained = frozenset(f.relpath for f in train)
+    monkeypatch.setattr(corpus, "trained_files", lambda: trained)
+    unseen = corpus.third_party_files(limit=500)
+    assert unseen and not any(corpus.SITE_PREFIX + f.relpath in trained for f in unseen)
