@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.actors.demo import WEIGHTS_DIR, demo_path
-from specserve.actors.demo.corpus import def_prompts, is_held_out, iter_python_files, stdlib_root, third_party_files
+from specserve.actors.demo import demo_path
+from specserve.actors.demo.corpus import (MANIFEST, def_prompts, is_held_out, iter_python_files, stdlib_root,
+                                          third_party_files, trained_files)
 from specserve.actors.engine.build import EngineSpec, build_engine
 from specserve.actors.engine.engine import Timing
 from specserve.actors.engine.request import make_params
@@ -37,8 +38,7 @@ HF_MODES = ("hf-greedy", "hf-assisted")
 
 def held_out_files():
     """Standard-library files the demo pair was not trained on (per its training manifest)."""
-    manifest = WEIGHTS_DIR / "train_manifest.txt"
-    trained = set(manifest.read_text().split("\n")) if manifest.exists() else None
+    trained = trained_files() if MANIFEST.exists() else None
     for f in iter_python_files(stdlib_root()):
         if (f.relpath not in trained) if trained is not None else is_held_out(f.relpath):
             yield f

@@ -293,7 +293,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     if cfg.corpus not in ("stdlib", "code"):
         raise ValueError(f"corpus must be stdlib or code, not {cfg.corpus!r}")
     train_files, held_files = stdlib_split() if cfg.corpus == "stdlib" else code_split()
-    log.info("corpus %s: %d training files, %d held-out files", len(train_files), len(held_files))
+    log.info("corpus %s: %d training files, %d held-out files", cfg.corpus, len(train_files), len(held_files))
     ckpt = cfg.checkpoint_dir
     if ckpt is not None and (ckpt / "tokenizer" / "tokenizer.json").exists():  # resuming: the same ids
         from transformers import PreTrainedTokenizerFast

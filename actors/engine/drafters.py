@@ -416,8 +416,7 @@ class ModelDrafter(BaseDrafter):
         self._cut(st, base + _common_prefix(held, new))
         if st.sent_at:
             waited = time.monotonic() - st.sent_at
-            st.verdict_s = waited if st.verdict_s is None else (1 - TIME_EMA) * st.verdict_s + TIME_EMA * waited
-            self.verdict_s = waited if self.verdict_s is None else (1 - TIME_EMA) * self.verdict_s + TIME_EMA * waited
+            st.verdict_s, self.verdict_s = _decayed(st.verdict_s, waited), _decayed(self.verdict_s, waited)
         st.awaiting, st.guess, st.ahead, st.ahead_done, st.pushed = False, None, None, False, 0
         st.branches, st.kv_branch, st.sent_at = None, None, 0.0
 
@@ -475,9 +474,7 @@ class ModelDrafter(BaseDrafter):
         tokens = suffix_draft(self.chain_lookup, r.seq_id, st, r.k)
         if not tokens:
             return False
-        if st.fed > len(st.context):  # the cache holds drafts past the context: not this draft's
-            st.fed = len(st.context)
-            self.runner.truncate(st.slot, st.fed)
+        self._cut(st, len(st.context))  # drafts past the context the cache may hold are not this draft's
         drafts[r.seq_id] = lookup_draft(tokens, r.k, st.params)  # no beliefs: no Branch after it
         self.lookup_drafts += 1
         return True
@@ -544,9 +541,8 @@ class ModelDrafter(BaseDrafter):
         at least `branch_min_prob` are covered, at most push_outcomes - 1 of them (the first
         outcome is the whole draft accepted), each only if its draft (at least half of k) fits
         in the time left until the verdict, which the sequence's recent verdicts measure (all
-        sequences' for a new one), at the
-        drafter's measured forward time. Positions where the verifier's prompt lookup drafts
-        anyway are skipped."""
+        sequences' for a new one), at the drafter's measured forward time. Positions where the
+        verifier's prompt lookup drafts anyway are skipped."""
         verdict_s = st.verdict_s if st.verdict_s is not None else self.verdict_s  # a new sequence: everyone's
         if not st.beliefs or len(st.beliefs) != len(st.last_draft) or verdict_s is None or self.forward_s is None:
             return []
@@ -599,8 +595,7 @@ class ModelDrafter(BaseDrafter):
         swapped meanwhile) the cache is cut back to the context and refed on the next draft."""
         st = self.seqs[seq_id]
         on_branch = st.ready is not None and st.ready.tokens[: len(tokens)] == list(tokens)
-        st.fed = min(st.fed, len(st.context) + (len(tokens) if on_branch else 0))
-        self.runner.truncate(st.slot, st.fed)
+        self._cut(st, len(st.context) + (len(tokens) if on_branch else 0))
         beliefs = list(st.ready.beliefs or [])[: len(tokens)] if on_branch else []
         super().took(seq_id, tokens, k)
         st.beliefs, st.sent_at, st.branches = beliefs, time.monotonic(), None
@@ -637,8 +632,7 @@ class ModelDrafter(BaseDrafter):
         t0 = time.perf_counter()
         logits = self._forward(states, feeds)
         if max(len(f) for f in feeds) <= CATCH_UP_TOKENS:  # a draft step's cost, not a catch-up's
-            took = time.perf_counter() - t0
-            self.forward_s = took if self.forward_s is None else (1 - TIME_EMA) * self.forward_s + TIME_EMA * took
+            self.forward_s = _decayed(self.forward_s, time.perf_counter() - t0)
         for (seq_id, st, b), future, row in zip(work, futures, logits):
             if b is not None:
                 b.done = not self._pick(st, row, b.draft, len(future)) or len(b.draft.tokens) >= b.k
@@ -668,9 +662,7 @@ class ModelDrafter(BaseDrafter):
         The cache always holds a prefix of context + drafts; when it already holds all of
         `future` (or drafts past it), it is cut back so the last token is fed again.
         """
-        if st.fed >= len(future):
-            st.fed = len(future) - 1
-            self.runner.truncate(st.slot, st.fed)
+        self._cut(st, len(future) - 1)
         return future[st.fed :]
 
     def _forward(self, states: list[SeqState], feeds: list[list[int]]) -> torch.Tensor:
@@ -726,6 +718,11 @@ class ModelDrafter(BaseDrafter):
         draft.q_ids = ids.view(1, -1) if draft.q_ids is None else torch.cat([draft.q_ids, ids.view(1, -1)])
         draft.q_probs = probs.view(1, -1) if draft.q_probs is None else torch.cat([draft.q_probs, probs.view(1, -1)])
         return True
+
+
+def _decayed(mean: float | None, sample: float) -> float:
+    """A time's decayed mean after one more sample (TIME_EMA), the sample itself at first."""
+    return sample if mean is None else (1 - TIME_EMA) * mean + TIME_EMA * sample
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
