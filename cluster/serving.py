@@ -16,6 +16,9 @@ from specserve.actors.suffix_share import SHARE_NAME
 from specserve.cluster.config import APP_NAME, DRAFTER, SpecserveConfig
 
 
+LOCAL_START_ATTEMPTS = 3  # a loaded machine can miss Ray's fixed 30 s wait for its raylet once
+
+
 class DeployError(RuntimeError):
     """The application did not come up; the message says which deployment and why."""
 
@@ -27,8 +30,18 @@ def connect(address: str | None, num_cpus: float | None = None, temp_dir: str | 
     kwargs: dict = {"namespace": NAMESPACE, "log_to_driver": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **kwargs)
+        return
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception when its raylet does not register in time
+            if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            print(f"specserve: the local Ray node did not come up ({e}); starting it again "
+                  f"({attempt + 1} of {LOCAL_START_ATTEMPTS})", file=sys.stderr)
+            ray.shutdown()  # stops what did start (GCS, a raylet that came up late)
+            time.sleep(2.0)
 
 
 def deploy(cfg: SpecserveConfig, timeout_s: float = 600.0, progress=None,

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from specserve.actors.distill.hub import DistillHub, HubSettings, Ledger
+from specserve.cluster import serving
 
 from ...cluster.ray_cluster import ray_test_env
 
@@ -24,7 +25,7 @@ BASE = "demo-v0"
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_test_env(), log_to_driver=False)
+    serving.connect(None, num_cpus=1, temp_dir=ray_test_env())
     yield
     ray.shutdown()
 
