@@ -203,12 +203,14 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         for name in VARIANTS:  # warm-up: first requests pay for lazy initialisation
             _run_level(address, name, prompts[:WARM_UP], 8, 2, LevelTotals())
         results: dict[int, dict[str, LevelTotals]] = {}
+        level_prompts: dict[int, list[list[int]]] = {}  # every round's prompts, for the in-process reference
         after: dict[str, dict] = {}
         for level in levels:
             results[level] = {n: LevelTotals() for n in VARIANTS}
             before, drafters_before = _loads(list(VARIANTS)), _drafter_infos(list(VARIANTS))
             for r in range(rounds):
                 batch = [next(fresh) for _ in range(max(requests, level))]  # the same for every variant
+                level_prompts.setdefault(level, []).extend(batch)
                 order = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[: r % len(VARIANTS)]
                 for name in order:
                     _run_level(address, name, batch, max_tokens, level, results[level][name])
@@ -227,9 +229,70 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
                      if load.get("draft_overhead_p50_ms") is not None}
     finally:
         serving.shutdown()
+    rows = _rows(results, overheads)
+    reference = None
+    if 1 in levels and drafter != "none":  # once the cluster is gone: the machine is the engine's alone
+        progress("in-process reference: the concurrency-1 prompts through the same engine and drafter")
+        reference = in_process_reference(cfgs["cached"], level_prompts[1], max_tokens)
+        rows += reference["rows"]
     return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
                        "drafter": drafter, "seed": seed},
-            "rows": _rows(results, overheads)}
+            "rows": rows, "served_vs_in_process": _served_vs_in_process(rows)}
+
+
+IN_PROCESS = ("in-process-plain", "in-process")
+
+
+def in_process_reference(cfg, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Plain and speculative decoding of `prompts` by one in-process engine each, built from the
+    verifier's settings with the drafter replica's model drafting locally (its suffix lookup as the
+    verifier's), on the verifier's thread count; prompt by prompt, alternating which runs first."""
+    from specserve.actors.demo import demo_path
+    from specserve.actors.engine.build import EngineSpec, build_engine
+    from specserve.actors.engine.request import make_params
+    from specserve.actors.settings import DTYPES, use_threads
+    from specserve.cluster.bench_local import ModeTotals, run_engine
+
+    spec = cfg.speculation
+    threads = max(1, round(cfg.verifier.num_cpus))
+    use_threads(threads)
+    common = dict(max_num_seqs=2, max_seq_len=cfg.verifier.max_seq_len, dtype=DTYPES[cfg.models.dtype],
+                  k_max=spec.k_max, kernels=spec.kernels, lean=cfg.models.lean, fixed_k=spec.fixed_k)
+    engines = {"in-process-plain": build_engine(EngineSpec(demo_path("target"), "none", **common)),
+               "in-process": build_engine(EngineSpec(demo_path("target"), "model", demo_path("drafter"),
+                                                     confidence_threshold=spec.confidence_threshold,
+                                                     prompt_lookup=spec.prompt_lookup, suffix=spec.suffix(),
+                                                     tree_nodes=spec.tree_nodes, tree_lookup=spec.tree_lookup,
+                                                     **common))}
+    totals = {name: ModeTotals() for name in IN_PROCESS}
+    for engine in engines.values():  # warm-up, as the served variants had
+        engine.generate([prompts[0][:16]], make_params(max_tokens=8))
+    params = make_params(max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        for name in IN_PROCESS[::1 if i % 2 == 0 else -1]:
+            run_engine(engines[name], prompt, params, totals[name])
+    plain_tps = totals["in-process-plain"].tokens / totals["in-process-plain"].seconds
+    rows = []
+    for name, t in totals.items():
+        tps = t.tokens / t.seconds
+        row = {"variant": name, "concurrency": 1, "requests": len(t.outputs), "failed": 0,
+               "tokens_per_s": round(tps, 2), "speedup": round(tps / plain_tps, 3),
+               "matches_plain": sum(a == b for a, b in zip(t.outputs, totals["in-process-plain"].outputs))
+               / max(len(t.outputs), 1), "threads": threads}
+        if t.drafted:
+            row.update(acceptance_rate=round(t.accepted / t.drafted, 4),
+                       mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3))
+        rows.append(row)
+    return {"rows": rows}
+
+
+def _served_vs_in_process(rows: list[dict]) -> dict | None:
+    """Each speculative variant's speedup at concurrency 1 over the in-process engine's speedup."""
+    ref = next((r["speedup"] for r in rows if r["variant"] == "in-process"), None)
+    if not ref:
+        return None
+    return {r["variant"]: round(r["speedup"] / ref, 3) for r in rows
+            if r["concurrency"] == 1 and r["variant"] in VARIANTS and r["variant"] != "plain" and r["speedup"]}
 
 
 def format_table(report: dict) -> str:
@@ -248,5 +311,9 @@ def bench_serving_main(args) -> int:
     levels = [int(x) for x in args.concurrency.split(",")]
     report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port, args.drafter,
                                seed=args.seed)
-    write_report(report, format_table(report), args.out)
+    table = format_table(report)
+    if report["served_vs_in_process"]:
+        table += "\nspeedup at concurrency 1 / the in-process engine's: " + ", ".join(
+            f"{name} {ratio}x" for name, ratio in report["served_vs_in_process"].items())
+    write_report(report, table, args.out)
     return 0

@@ -204,10 +204,13 @@ class CostModel:
             out[n] = low
         return out
 
-    def step_time(self, k: int) -> float:
-        """T(k): seconds for one step drafting k tokens."""
+    def step_time(self, k: int, local: bool = False) -> float:
+        """T(k): seconds for one step drafting k tokens (`local`: drafts that cost no drafting
+        time and no round trip, a remote pool's own lookups: the verify step alone)."""
         if k == 0:
             return self.verify_time(1)
+        if local:
+            return self.verify_time(k + 1)
         return k * (self.draft_step_s or 0.0) + self.verify_time(k + 1) + self.rtt_s
 
 
@@ -225,8 +228,9 @@ def expected_tokens(alpha: Rates, k: int) -> float:
     return 1.0 + first * (1.0 - later ** k) / (1.0 - later)
 
 
-def best_draft_length(alpha: Rates | list[Rates], cost: CostModel, k_max: int) -> int:
-    """The k in [0, k_max] with the most expected tokens per second.
+def best_draft_length(alpha: Rates | list[Rates], cost: CostModel, k_max: int, local: bool = False) -> int:
+    """The k in [0, k_max] with the most expected tokens per second (`local`: drafts that need
+    no drafter and no round trip, see CostModel.step_time).
 
     For a batch (a list of per-sequence rates) the step time is shared: every row pays for the
     longest block, so k maximises the batch's expected tokens sum_i E(alpha_i, k) / T(k).
@@ -243,7 +247,7 @@ def best_draft_length(alpha: Rates | list[Rates], cost: CostModel, k_max: int) -
     if not cost.knows_plain():
         return 0  # time a step without drafts first: what drafting must beat
     alphas = alpha if isinstance(alpha, list) else [alpha]
-    rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k) for k in range(k_max + 1)]
+    rates = [sum(expected_tokens(a, k) for a in alphas) / cost.step_time(k, local) for k in range(k_max + 1)]
     best = max(range(k_max + 1), key=rates.__getitem__)
     if rates[best] < rates[0] * (1.0 + cost.cfg.min_gain):
         return 0  # within the noise of the estimates: not worth the risk of losing to plain steps

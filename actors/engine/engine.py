@@ -101,6 +101,7 @@ class SpeculativeEngine:
         self.pooled = AcceptanceTracker(policy, ema=POOLED_EMA)
         self._probe_interval = policy.probe_every  # off steps before the next probe (doubles, see below)
         self._probing = False  # this step's drafts are a probe
+        self._local_only = False  # this step drafts only what a remote pool drafts itself (_draft_lengths)
         self._probe_retries = 0  # probes in a row that measured nothing (see _probed)
         if drafter is not None:  # the cost model should time blocks, not their first-call setup
             target.warm_up(policy.block_max + 1)
@@ -155,7 +156,14 @@ class SpeculativeEngine:
             return [0] * len(seqs)
         timed = [s for s in seqs if not s.params.seeded_sampling]
         # one k for the batch: a longer block in one row makes the whole verify forward longer
-        batch_k = best_draft_length([s.tracker.rates for s in timed], self.cost, self.policy.k_max) if timed else 0
+        rates = [s.tracker.rates for s in timed]
+        batch_k = best_draft_length(rates, self.cost, self.policy.k_max) if timed else 0
+        self._local_only = False
+        if not batch_k and timed and self.drafter.remote and self.policy.fixed_k is None:
+            # a remote drafter does not pay at this batch, but a remote pool's own drafts (suffix
+            # lookups, pushed drafts) cost no drafter time and no round trip: those may still pay
+            batch_k = best_draft_length(rates, self.cost, self.policy.k_max, local=True)
+            self._local_only = batch_k > 0
         ks = []
         for s in seqs:
             k = self.policy.fixed_k
@@ -169,13 +177,15 @@ class SpeculativeEngine:
         # (once per batch, not per sequence: any draft makes the whole batch wait for it). Each
         # probe that leaves speculation off doubles the wait before the next (up to probe_max),
         # so where drafting does not pay, probing costs next to nothing; drafting that pays
-        # again brings the interval back to probe_every.
-        if any(ks):
+        # again brings the interval back to probe_every. Steps with local drafts only count as
+        # off: the remote drafter's costs are what a probe re-measures.
+        if any(ks) and not self._local_only:
             self._off_steps, self._probe_interval = 0, self.policy.probe_every
         else:
             self._off_steps += 1
         self._probing = self._off_steps >= self._probe_interval
         if self._probing:
+            self._local_only = False
             ks = [min(1, s.params.max_tokens - len(s.generated) - 1) for s in seqs]
         return ks
 
@@ -213,7 +223,10 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         reqs = [DraftRequest(s.seq_id, k, self._tree_nodes(s, k)) for s, k in zip(seqs, ks)]
         local = self.drafter.local_drafts(reqs)
-        if local and not self._remote_pays(seqs, ks, local):
+        if self._local_only:  # seeded requests draft regardless of timings (_draft_lengths)
+            reqs = [r if r.seq_id in local or s.params.seeded_sampling else DraftRequest(r.seq_id, 0)
+                    for r, s in zip(reqs, seqs)]
+        elif local and not self._remote_pays(seqs, ks, local):
             reqs = [r if r.seq_id in local else DraftRequest(r.seq_id, 0) for r in reqs]
         drafts = self.drafter.propose(reqs)
         if self._probing:

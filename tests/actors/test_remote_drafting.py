@@ -339,6 +339,73 @@ def test_beside_lookup_drafts_the_batch_waits_for_the_drafter_only_where_that_pa
         server.stop()
 
 
+def test_where_the_drafter_does_not_pay_the_pools_own_lookup_drafts_still_draft(models):
+    # a 1 s round trip against 10 ms steps: drafting through the drafter is off for the batch,
+    # but a lookup draft costs neither drafter time nor a round trip, so the repeating sequence
+    # still drafts by lookup, the other takes a plain step, and the drafter is not even asked
+    target, drafter, _ = models
+    server = model_server(drafter)
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
+    engine = SpeculativeEngine(runner(target), None, pool, DraftLengthConfig(k_max=2))
+    try:
+        repeating = engine.add_request([5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=8))
+        fresh = engine.add_request(list(range(20, 34)), make_params(max_tokens=8))
+        engine.cost.use_batch(2)
+        for n in range(1, 4):
+            engine.cost.observe_verify(n, 0.01)
+        engine.cost.observe_rtt(1.0)
+        engine.cost.observe_draft(1, 0.001, remote=True)
+        assert engine._draft_lengths(list(engine.seqs.values())) == [2, 2] and engine._local_only
+        engine.step()
+        assert pool.remote[repeating].last_looked_up and pool.remote[repeating].link is None
+        assert pool.remote[fresh].link is None and not engine._probing
+        assert engine.timing.draft_steps == 1 and pool.lookup_drafts == 1
+    finally:
+        pool.close()
+        server.stop()
+
+
+def test_local_only_drafting_is_lossless_and_still_probes_the_drafter(models):
+    # drafting through the drafter never pays, lookups do: the output stays the target's own,
+    # lookup drafts are taken, and the drafter is still probed now and then (probe_every)
+    from specserve.actors.engine.draft_length import CostModel
+
+    class DearRoundTrip(CostModel):
+        def step_time(self, k: int, local: bool = False) -> float:
+            return 0.01 if k == 0 or local else 1.0
+
+        def knows_plain(self) -> bool:
+            return True
+
+        def longest_measured(self) -> int:
+            return 8
+
+    target, drafter, want = models
+    server = model_server(drafter)
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
+    policy = DraftLengthConfig(k_max=3, probe_every=4, probe_max=4)
+    engine = SpeculativeEngine(runner(target), None, pool, policy)
+    engine.cost = DearRoundTrip(policy)
+    longest: list[int] = []
+    propose = pool.propose
+
+    def recording(reqs):
+        drafts = propose(reqs)
+        longest.append(max(len(d.tokens) for d in drafts))
+        return drafts
+
+    pool.propose = recording
+    try:
+        results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
+        assert [r.token_ids for r in results] == want
+        assert max(longest) > 1  # probes draft one token: longer drafts are the lookups' own
+        assert pool.lookup_drafts > 0 and engine.timing.probes > 0
+        assert server.worker.drafts_sent > 0  # probes only
+    finally:
+        pool.close()
+        server.stop()
+
+
 def test_a_probe_whose_remote_drafts_all_came_untimed_is_retried_until_one_measures_the_round_trip(models):
     # drafting never pays here, so only probes draft. The repeating sequence has a lookup draft
     # at the first probe; the other needs the drafter, and that probe first attaches it: its
@@ -347,7 +414,7 @@ def test_a_probe_whose_remote_drafts_all_came_untimed_is_retried_until_one_measu
     from specserve.actors.engine.draft_length import CostModel
 
     class NeverPays(CostModel):
-        def step_time(self, k: int) -> float:
+        def step_time(self, k: int, local: bool = False) -> float:
             return 1.0 if k == 0 else 100.0
 
     target, drafter, _ = models

@@ -291,7 +291,7 @@ class SwitchableCost(CostModel):
 
     pays = False
 
-    def step_time(self, k: int) -> float:
+    def step_time(self, k: int, local: bool = False) -> float:
         return 1.0 if self.pays or k == 0 else 100.0
 
 

@@ -202,7 +202,7 @@ class SlowDrafting(CostModel):
     def observe_verify(self, n: int, seconds: float) -> None:
         pass
 
-    def step_time(self, k: int) -> float:
+    def step_time(self, k: int, local: bool = False) -> float:
         return 1.0 + 10.0 * k
 
     def knows_plain(self) -> bool:

@@ -135,7 +135,7 @@ class AlwaysDraftCost(CostModel):
     def observe_verify(self, n: int, seconds: float) -> None:
         pass
 
-    def step_time(self, k: int) -> float:
+    def step_time(self, k: int, local: bool = False) -> float:
         return 1.0
 
     def knows_plain(self) -> bool:
