@@ -41,6 +41,7 @@ from typing import Callable
 
 import grpc
 
+from specserve.actors import hops
 from specserve.actors.convert import draft_from_pb, start_pb, stop_pb, verdict_pb
 from specserve.actors.engine.drafters import (
     BaseDrafter, Draft, DraftRequest, lookup_draft, suffix_draft, suffix_lookup,
@@ -72,13 +73,20 @@ class _Link:
         self.broken = False
         self._sendq: queue.SimpleQueue = queue.SimpleQueue()
         self._channel = secure_channel(address, tls, "security.internal_tls")
-        self._call = drafting_pb2_grpc.DraftingStub(self._channel).Draft(iter(self._sendq.get, _CLOSE))
+        self._call = drafting_pb2_grpc.DraftingStub(self._channel).Draft(self._outgoing())
         self._on_draft, self._on_broken = on_draft, on_broken
         threading.Thread(target=self._read, name=f"draft-link-{address}", daemon=True).start()
 
     def send(self, msg) -> None:
         if not self.broken:
+            hops.mark("pool.send")
             self._sendq.put(msg)
+
+    def _outgoing(self):
+        """The stream's requests, as gRPC's thread takes them from the send queue."""
+        for msg in iter(self._sendq.get, _CLOSE):
+            hops.mark("grpc.take")
+            yield msg
 
     def close(self) -> None:
         self._sendq.put(_CLOSE)
@@ -88,6 +96,7 @@ class _Link:
     def _read(self) -> None:
         try:
             for msg in self._call:
+                hops.mark("reader.got")
                 self._on_draft(self, msg)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
@@ -249,6 +258,8 @@ class RemoteDrafterPool(BaseDrafter):
                 if left <= 0:
                     break
                 self._cond.wait(left)
+            if awaited:
+                hops.mark("engine.woke")
             if any(r.k > 0 for r in reqs):
                 self.waits.append(time.monotonic() - now)
                 self.wait_count += 1

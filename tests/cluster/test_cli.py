@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from specserve.cluster.bench_transport import SEGMENTS, hop_breakdown
+
 from .entry import main_here
 
 PROMPT = "def fibonacci(n):"
@@ -136,6 +138,26 @@ def test_bench_transport_times_each_transport_at_each_gap(tmp_path):
     # the Drafting stream's overhead is its round trip less the drafter's own time
     assert all(0 < r["overhead_p50_ms"] <= r["rtt_p90_ms"] for r in rows if r["transport"] == "drafting")
     assert "rtt50ms" in proc.stdout
+    # where the round trip goes: every hop timed, in both processes, and the hops add up to it
+    for r in (r for r in rows if r["transport"] == "drafting"):
+        hops = r["hops_p50_ms"]
+        assert hops["rounds_traced"] >= 15 and all(hops[name] >= 0 for name in SEGMENTS)
+        assert 0.5 * r["rtt_p50_ms"] < sum(hops[name] for name in SEGMENTS) < 1.5 * r["rtt_p90_ms"]
+    assert "median ms per hop" in proc.stdout
+
+
+def test_the_hop_breakdown_pairs_each_round_trip_with_the_drafters_marks_inside_it():
+    ours, theirs = [], []
+    for i, t0 in enumerate((0.0, 1.0, 2.0)):
+        ours += [("pool.send", t0), ("grpc.take", t0 + 0.01), ("reader.got", t0 + 0.5), ("engine.woke", t0 + 0.52)]
+        theirs += [("loop.read", t0 + 0.1), ("worker.take", t0 + 0.11), ("worker.sent", t0 + 0.2 + 0.1 * i),
+                   ("loop.write", t0 + 0.33)]
+    theirs.append(("loop.read", 2.3))  # a second read inside the last round: that round is left out
+    out = hop_breakdown(ours, theirs, 0.0, 10.0)
+    assert out["rounds_traced"] == 2
+    assert out["engine to gRPC thread"] == pytest.approx(10.0) and out["reader to engine"] == pytest.approx(20.0)
+    assert out["drafting"] == pytest.approx(140.0)  # the median of 90 and 190 ms
+    assert hop_breakdown(ours, theirs, 1.5, 10.0)["rounds_traced"] == 0  # outside the window
 
 
 def test_bench_transport_refuses_a_negative_gap():
