@@ -13,7 +13,9 @@ of them pipelined drafting had ready when the verdict came (`ahead_hits`), and f
 drafts taken from it (`cache_hits`, and their share of drafting steps), the pushes (`pushes`; of
 them `branch_pushes` for rejection outcomes, `branch_hits` the verdicts one matched), the outcomes
 with a pushed draft waiting when a step's draft was chosen (`outcomes_per_step`) and the
-verifier's wait for drafts per drafting step (p50, p90).
+verifier's wait for drafts per drafting step (p50, p90). Before the cluster starts, the
+concurrency-1 prompts also go through the same engine and drafter in-process (plain and
+speculative, prompt by prompt), the reference each served speedup is held against.
 """
 
 from __future__ import annotations
@@ -195,6 +197,12 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
     if len(prompts) < needed:
         raise ValueError(f"{needed} held-out prompts needed, {len(prompts)} exist: fewer levels, rounds or prompts")
     fresh = iter(prompts[WARM_UP:])
+    # every round's requests, the same for every variant
+    batches = {level: [[next(fresh) for _ in range(max(requests, level))] for _ in range(rounds)] for level in levels}
+    reference = None
+    if 1 in levels and drafter != "none":  # before the cluster starts: the machine is the engine's alone
+        progress("in-process reference: the concurrency-1 prompts through the same engine and drafter")
+        reference = in_process_reference(cfgs["cached"], [p for batch in batches[1] for p in batch], max_tokens)
     serving.connect(None, num_cpus=8)
     try:
         apps = [cfgs[n].application(n, f"/{n}") for n in VARIANTS]
@@ -203,14 +211,12 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         for name in VARIANTS:  # warm-up: first requests pay for lazy initialisation
             _run_level(address, name, prompts[:WARM_UP], 8, 2, LevelTotals())
         results: dict[int, dict[str, LevelTotals]] = {}
-        level_prompts: dict[int, list[list[int]]] = {}  # every round's prompts, for the in-process reference
         after: dict[str, dict] = {}
         for level in levels:
             results[level] = {n: LevelTotals() for n in VARIANTS}
             before, drafters_before = _loads(list(VARIANTS)), _drafter_infos(list(VARIANTS))
             for r in range(rounds):
-                batch = [next(fresh) for _ in range(max(requests, level))]  # the same for every variant
-                level_prompts.setdefault(level, []).extend(batch)
+                batch = batches[level][r]
                 order = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[: r % len(VARIANTS)]
                 for name in order:
                     _run_level(address, name, batch, max_tokens, level, results[level][name])
@@ -229,12 +235,7 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
                      if load.get("draft_overhead_p50_ms") is not None}
     finally:
         serving.shutdown()
-    rows = _rows(results, overheads)
-    reference = None
-    if 1 in levels and drafter != "none":  # once the cluster is gone: the machine is the engine's alone
-        progress("in-process reference: the concurrency-1 prompts through the same engine and drafter")
-        reference = in_process_reference(cfgs["cached"], level_prompts[1], max_tokens)
-        rows += reference["rows"]
+    rows = _rows(results, overheads) + (reference["rows"] if reference else [])
     return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
                        "drafter": drafter, "seed": seed},
             "rows": rows, "served_vs_in_process": _served_vs_in_process(rows)}

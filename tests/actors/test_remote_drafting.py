@@ -43,6 +43,29 @@ def model_server(model, **kwargs) -> DraftServerThread:
     return DraftServerThread(ModelDrafter(runner(model, max_num_seqs=8), confidence_threshold=0.0), **kwargs)
 
 
+def lookup_engine(target_model, server: DraftServerThread, policy: DraftLengthConfig, cost=None):
+    """(engine, pool): `target_model` drafting through `server`, with suffix lookup in the pool
+    and `cost` (a CostModel class) as the engine's cost model where given."""
+    pool = RemoteDrafterPool(lambda: [server.endpoint], target_model.config.vocab_size, deadline_s=5.0,
+                             lookup_min_n=1)
+    engine = SpeculativeEngine(runner(target_model), None, pool, policy)
+    if cost is not None:
+        engine.cost = cost(policy)
+    return engine, pool
+
+
+def after_propose(pool: RemoteDrafterPool, record) -> None:
+    """Call `record(reqs, drafts)` after every `propose` of `pool`."""
+    propose = pool.propose
+
+    def recording(reqs):
+        drafts = propose(reqs)
+        record(reqs, drafts)
+        return drafts
+
+    pool.propose = recording
+
+
 @contextlib.contextmanager
 def over_the_wire(target_model, server: DraftServerThread, **pool_kwargs):
     """(engine, pool) of `target_model` drafting through `server`; both closed afterwards."""
@@ -316,21 +339,27 @@ def test_prompt_lookup_in_the_pool_skips_the_round_trip_and_keeps_the_drafter_in
         assert server.worker.drafts_sent > 0
 
 
+def lookup_and_fresh(engine: SpeculativeEngine, rtt_s: float) -> tuple[int, int]:
+    """Two requests, one whose last token occurred before in it (a lookup draft) and one
+    without; the cost model knows 10 ms verify steps of 1-3 positions and a round trip of `rtt_s`."""
+    repeating = engine.add_request([5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=8))
+    fresh = engine.add_request(list(range(20, 34)), make_params(max_tokens=8))
+    engine.cost.use_batch(2)
+    for n in range(1, 4):
+        engine.cost.observe_verify(n, 0.01)
+    engine.cost.observe_rtt(rtt_s)
+    return repeating, fresh
+
+
 @pytest.mark.parametrize("rtt_s, asked", [(1.0, False), (0.0, True)], ids=["dear-round-trip", "free-round-trip"])
 def test_beside_lookup_drafts_the_batch_waits_for_the_drafter_only_where_that_pays(models, rtt_s, asked):
     # one sequence drafts by lookup (its last token occurred before), the other needs the drafter:
     # with a 1 s round trip against 10 ms steps its drafts cannot pay, and it is not even attached
     target, drafter, _ = models
     server = model_server(drafter)
-    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
-    engine = SpeculativeEngine(runner(target), None, pool, DraftLengthConfig(k_max=2, fixed_k=2))
+    engine, pool = lookup_engine(target, server, DraftLengthConfig(k_max=2, fixed_k=2))
     try:
-        repeating = engine.add_request([5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=8))
-        fresh = engine.add_request(list(range(20, 34)), make_params(max_tokens=8))
-        engine.cost.use_batch(2)
-        for n in range(1, 4):
-            engine.cost.observe_verify(n, 0.01)
-        engine.cost.observe_rtt(rtt_s)
+        repeating, fresh = lookup_and_fresh(engine, rtt_s)
         engine.step()
         assert pool.remote[repeating].last_looked_up and pool.remote[repeating].link is None
         assert (pool.remote[fresh].link is not None) == asked
@@ -345,15 +374,9 @@ def test_where_the_drafter_does_not_pay_the_pools_own_lookup_drafts_still_draft(
     # still drafts by lookup, the other takes a plain step, and the drafter is not even asked
     target, drafter, _ = models
     server = model_server(drafter)
-    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
-    engine = SpeculativeEngine(runner(target), None, pool, DraftLengthConfig(k_max=2))
+    engine, pool = lookup_engine(target, server, DraftLengthConfig(k_max=2))
     try:
-        repeating = engine.add_request([5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=8))
-        fresh = engine.add_request(list(range(20, 34)), make_params(max_tokens=8))
-        engine.cost.use_batch(2)
-        for n in range(1, 4):
-            engine.cost.observe_verify(n, 0.01)
-        engine.cost.observe_rtt(1.0)
+        repeating, fresh = lookup_and_fresh(engine, 1.0)
         engine.cost.observe_draft(1, 0.001, remote=True)
         assert engine._draft_lengths(list(engine.seqs.values())) == [2, 2] and engine._local_only
         engine.step()
@@ -382,19 +405,9 @@ def test_local_only_drafting_is_lossless_and_still_probes_the_drafter(models):
 
     target, drafter, want = models
     server = model_server(drafter)
-    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
-    policy = DraftLengthConfig(k_max=3, probe_every=4, probe_max=4)
-    engine = SpeculativeEngine(runner(target), None, pool, policy)
-    engine.cost = DearRoundTrip(policy)
+    engine, pool = lookup_engine(target, server, DraftLengthConfig(k_max=3, probe_every=4, probe_max=4), DearRoundTrip)
     longest: list[int] = []
-    propose = pool.propose
-
-    def recording(reqs):
-        drafts = propose(reqs)
-        longest.append(max(len(d.tokens) for d in drafts))
-        return drafts
-
-    pool.propose = recording
+    after_propose(pool, lambda reqs, drafts: longest.append(max(len(d.tokens) for d in drafts)))
     try:
         results = engine.generate(PROMPTS, make_params(max_tokens=NEW_TOKENS))
         assert [r.token_ids for r in results] == want
@@ -419,18 +432,9 @@ def test_a_probe_whose_remote_drafts_all_came_untimed_is_retried_until_one_measu
 
     target, drafter, _ = models
     server = model_server(drafter)
-    pool = RemoteDrafterPool(lambda: [server.endpoint], target.config.vocab_size, deadline_s=5.0, lookup_min_n=1)
-    policy = DraftLengthConfig(k_max=2, probe_every=4, probe_max=64)
-    engine = SpeculativeEngine(runner(target), None, pool, policy)
-    engine.cost = NeverPays(policy)
+    engine, pool = lookup_engine(target, server, DraftLengthConfig(k_max=2, probe_every=4, probe_max=64), NeverPays)
     probing: list[int] = []
-    propose = pool.propose
-
-    def recording(reqs):
-        probing.append(engine.timing.verify_steps)
-        return propose(reqs)
-
-    pool.propose = recording
+    after_propose(pool, lambda reqs, drafts: probing.append(engine.timing.verify_steps))
     try:
         engine.add_request([5, 6, 7, 5, 6, 7, 5, 6, 7, 5], make_params(max_tokens=60, ignore_eos=True))
         engine.add_request(list(range(20, 34)), make_params(max_tokens=60, ignore_eos=True))
