@@ -180,6 +180,12 @@ class RemoteDrafterPool(BaseDrafter):
         self._fresh_overheads: list[float] = []
         self._cond = threading.Condition()
 
+    @property
+    def drafts_locally(self) -> bool:
+        """Whether the pool drafts by suffix lookup itself (pushed drafts come only while the
+        replica is asked, so they do not count)."""
+        return self.lookup is not None
+
     # -- the drafter protocol --------------------------------------------------------------------
 
     def start(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:

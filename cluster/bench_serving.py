@@ -178,7 +178,7 @@ WARM_UP = 2  # requests per variant before measuring
 
 
 def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds: int, port: int,
-                      drafter: str = "model", progress=print, seed: int = 0) -> dict:
+                      drafter: str = "model", progress=print, seed: int = 0, prompt_lookup: int | None = None) -> dict:
     """Deploy the variants on a local cluster, measure them side by side, tear down."""
     from specserve.actors.demo import demo_path
     from specserve.actors.engine.build import load_tokenizer
@@ -189,6 +189,8 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
                          "max_seq_len": 512},
             "drafter": {"num_cpus": 1, "replicas": 1, "host": "127.0.0.1"},
             "models": {"drafter": drafter}}
+    if prompt_lookup is not None:
+        base["speculation"] = {"prompt_lookup": prompt_lookup}
     cfgs = {name: _config(base, v, port) for name, v in VARIANTS.items()}
     # every request of a variant is a prompt it has not seen: a suffix index that learned a prompt's
     # continuation from an earlier round would otherwise draft it whole
@@ -237,7 +239,7 @@ def run_bench_serving(levels: list[int], requests: int, max_tokens: int, rounds:
         serving.shutdown()
     rows = _rows(results, overheads) + (reference["rows"] if reference else [])
     return {"config": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "rounds": rounds,
-                       "drafter": drafter, "seed": seed},
+                       "drafter": drafter, "seed": seed, "prompt_lookup": prompt_lookup},
             "rows": rows, "served_vs_in_process": _served_vs_in_process(rows)}
 
 
@@ -311,7 +313,7 @@ def bench_serving_main(args) -> int:
     """CLI entry: run, print the table, write JSON."""
     levels = [int(x) for x in args.concurrency.split(",")]
     report = run_bench_serving(levels, args.prompts, args.max_tokens, args.rounds, args.port, args.drafter,
-                               seed=args.seed)
+                               seed=args.seed, prompt_lookup=args.prompt_lookup)
     table = format_table(report)
     if report["served_vs_in_process"]:
         table += "\nspeedup at concurrency 1 / the in-process engine's: " + ", ".join(

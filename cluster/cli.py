@@ -172,6 +172,9 @@ def _add_bench(sub) -> None:
                    help="--serving/--distill/--faults: gRPC port of the local benchmark cluster")
     p.add_argument("--drafter", default="model", choices=["model", "ngram"],
                    help="--serving: the speculative variants' drafter")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="--serving: speculation.prompt_lookup of every variant (default: the config default; "
+                        "0 = no verifier-side lookup, every draft comes from the drafter replica)")
     p.add_argument("--trees", action="store_true",
                    help="token trees vs chains at the same verify budget (in-process, demo pair)")
     p.add_argument("--suffix", action="store_true",

@@ -103,6 +103,7 @@ class BaseDrafter:
 
     name = "base"
     remote = False  # drafts come over the network (a round trip per step)
+    drafts_locally = False  # a remote drafter that also makes drafts with no round trip (local_drafts)
 
     def __init__(self):
         self.seqs: dict[int, SeqState] = {}

@@ -159,7 +159,7 @@ class SpeculativeEngine:
         rates = [s.tracker.rates for s in timed]
         batch_k = best_draft_length(rates, self.cost, self.policy.k_max) if timed else 0
         self._local_only = False
-        if not batch_k and timed and self.drafter.remote and self.policy.fixed_k is None:
+        if not batch_k and timed and self.drafter.drafts_locally and self.policy.fixed_k is None:
             # a remote drafter does not pay at this batch, but a remote pool's own drafts (suffix
             # lookups, pushed drafts) cost no drafter time and no round trip: those may still pay
             batch_k = best_draft_length(rates, self.cost, self.policy.k_max, local=True)

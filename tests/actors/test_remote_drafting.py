@@ -43,11 +43,11 @@ def model_server(model, **kwargs) -> DraftServerThread:
     return DraftServerThread(ModelDrafter(runner(model, max_num_seqs=8), confidence_threshold=0.0), **kwargs)
 
 
-def lookup_engine(target_model, server: DraftServerThread, policy: DraftLengthConfig, cost=None):
+def lookup_engine(target_model, server: DraftServerThread, policy: DraftLengthConfig, cost=None, lookup_min_n=1):
     """(engine, pool): `target_model` drafting through `server`, with suffix lookup in the pool
-    and `cost` (a CostModel class) as the engine's cost model where given."""
+    (unless `lookup_min_n` is 0) and `cost` (a CostModel class) as the engine's cost model where given."""
     pool = RemoteDrafterPool(lambda: [server.endpoint], target_model.config.vocab_size, deadline_s=5.0,
-                             lookup_min_n=1)
+                             lookup_min_n=lookup_min_n)
     engine = SpeculativeEngine(runner(target_model), None, pool, policy)
     if cost is not None:
         engine.cost = cost(policy)
@@ -383,6 +383,21 @@ def test_where_the_drafter_does_not_pay_the_pools_own_lookup_drafts_still_draft(
         assert pool.remote[repeating].last_looked_up and pool.remote[repeating].link is None
         assert pool.remote[fresh].link is None and not engine._probing
         assert engine.timing.draft_steps == 1 and pool.lookup_drafts == 1
+    finally:
+        pool.close()
+        server.stop()
+
+
+def test_without_lookup_in_the_pool_a_drafter_that_does_not_pay_turns_drafting_off(models):
+    # nothing can draft without a round trip, so the policy's answer is plain steps, not "local
+    # drafts only" (which would be plain steps counted as drafting ones)
+    target, drafter, _ = models
+    server = model_server(drafter)
+    engine, pool = lookup_engine(target, server, DraftLengthConfig(k_max=2), lookup_min_n=0)
+    try:
+        lookup_and_fresh(engine, 1.0)
+        engine.cost.observe_draft(1, 0.001, remote=True)
+        assert engine._draft_lengths(list(engine.seqs.values())) == [0, 0] and not engine._local_only
     finally:
         pool.close()
         server.stop()
