@@ -1,14 +1,10 @@
 """The drafter side of the Drafting stream: a grpc.aio servicer in front of one engine drafter.
 
-Many verifier streams feed one worker, which owns the drafter. The worker and the grpc.aio
-server share one event loop on the worker's own thread: a message read from a stream reaches
-the worker, and a draft reaches its stream, with no hand-off between threads (each would cost
-a thread wake-up on the round trip the verifier may be waiting for). The worker drains every
-message that has arrived, applies them in order, and answers all the Starts and Verdicts of
-that wave with one batched `propose` call; the loop does nothing else while it drafts. When it
-has nothing to answer and pipelining is on, it spends idle time drafting ahead (one forward at
-a time, reading what arrived meanwhile in between, so a Verdict never waits for more than one
-forward).
+Many verifier streams feed one worker thread, which owns the drafter (torch work must not run
+on the event loop). The worker drains every message that has arrived, applies them in order,
+and answers all the Starts and Verdicts of that wave with one batched `propose` call. When it
+has nothing to answer and pipelining is on, it spends idle time drafting ahead (one forward
+at a time, so a Verdict never waits for more than one forward).
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,21 +30,6 @@ log = logging.getLogger(__name__)
 _CLOSED = object()
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _put(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item) -> None:
-    """Put `item` on `loop`'s queue `q`: directly on that loop, else through it."""
-    if _running_loop() is loop:
-        q.put_nowait(item)
-    else:
-        loop.call_soon_threadsafe(q.put_nowait, item)
-
-
 @dataclass
 class _Stream:
     """One verifier's stream: its outbox lives on the event loop."""
@@ -57,7 +39,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
 
     def send(self, msg) -> None:
-        _put(self.loop, self.outbox, msg)
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, msg)
 
 
 @dataclass
@@ -70,13 +52,8 @@ class _Swap:
     error: Exception | None = None
 
 
-IO_YIELDS = 3  # loop iterations between two forwards of drafting ahead: a read that arrived during
-# the forward is the selector's event, then the resolved read, then the reader's put on the inbox
-
-
 class DraftWorker:
-    """Owns the drafter; turns verifier messages into drafts on its own thread's event loop,
-    which also runs the draft server (serve_drafting)."""
+    """Owns the drafter; turns verifier messages into drafts on its own thread."""
 
     def __init__(self, drafter: BaseDrafter, weight_version: str = "", max_num_seqs: int = 64,
                  pipelined: bool = True):
@@ -84,14 +61,12 @@ class DraftWorker:
         self.weight_version = weight_version
         self.max_num_seqs = max_num_seqs
         self.pipelined = pipelined
-        self.loop: asyncio.AbstractEventLoop | None = None  # the worker's (start)
-        self.inbox: asyncio.Queue | None = None  # on that loop
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.seq_ids: dict[tuple[int, int], int] = {}  # (stream, sequence_id) -> drafter seq id
         self.routes: dict[int, tuple[_Stream, int]] = {}  # drafter seq id -> (stream, sequence_id), for pushes
         self.pushes_sent = 0
         self._next = itertools.count()
-        self._thread = threading.Thread(target=self._main, name="draft-worker", daemon=True)
-        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="draft-worker", daemon=True)
         self._running = True
         self.drafts_sent = 0
 
@@ -105,19 +80,12 @@ class DraftWorker:
         return self._thread.is_alive()
 
     def start(self) -> None:
-        """Start the worker's thread and event loop."""
         self._thread.start()
-        if not self._started.wait(30):
-            raise RuntimeError("the draft worker's event loop did not start")
 
     def stop(self) -> None:
         self._running = False
-        self.put(_CLOSED)
+        self.inbox.put(_CLOSED)
         self._thread.join(timeout=5)
-
-    def put(self, item) -> None:
-        """Hand the worker a message (from any thread)."""
-        _put(self.loop, self.inbox, item)
 
     def swap_weights(self, state: dict, version: str, timeout_s: float = 60.0) -> None:
         """Hot swap: new drafter weights, applied on the worker thread between waves.
@@ -126,7 +94,7 @@ class DraftWorker:
         from their contexts on the next draft. Raises what loading raised (the old weights stay).
         """
         swap = _Swap(state, version)
-        self.put(swap)
+        self.inbox.put(swap)
         if not swap.done.wait(timeout_s):
             raise TimeoutError(f"the draft worker did not load weights {version} within {timeout_s} s")
         if swap.error is not None:
@@ -143,56 +111,44 @@ class DraftWorker:
 
     def close_stream(self, stream: _Stream) -> None:
         """The verifier went away: forget its sequences (on the worker thread)."""
-        self.put((stream, None))
+        self.inbox.put((stream, None))
 
     # -- worker thread ---------------------------------------------------------------------------
 
-    def _main(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self.loop, self.inbox = loop, asyncio.Queue()
-        self._started.set()
-        try:
-            loop.run_until_complete(self._run())
-        finally:  # the draft server's calls end with the loop
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.close()
-
-    async def _run(self) -> None:
+    def _run(self) -> None:
         while self._running:
-            wave = await self._collect()
+            wave = self._collect()
             try:
                 self._handle(wave)
             except Exception:  # a bug must not kill the replica's drafting for everyone
                 log.exception("draft worker failed on a wave of %d messages", len(wave))
 
-    async def _collect(self) -> list:
-        """Wait for the first message (unless ahead-drafting has work), then drain the rest."""
+    def _collect(self) -> list:
+        """Block for the first message (unless ahead-drafting has work), then drain the rest."""
         wave = []
         while not wave:
-            if self.pipelined and self.drafter.has_ahead_work():
-                for _ in range(IO_YIELDS):  # what arrived during the last forward reaches the inbox
-                    if not self.inbox.empty():
-                        break
-                    await asyncio.sleep(0)
-                if self.inbox.empty():
+            try:
+                busy = self.pipelined and self.drafter.has_ahead_work()
+                item = self.inbox.get_nowait() if busy else self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                if self.pipelined:
                     self.drafter.draft_ahead()
                     self._push()
-                    continue
-            item = await self.inbox.get()
+                if not self._running:
+                    return []
+                continue
             if item is _CLOSED:
                 return []
             wave.append(item)
-        while not self.inbox.empty():
-            item = self.inbox.get_nowait()
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return wave
             if item is _CLOSED:
                 self._running = False
                 return wave
             wave.append(item)
-        return wave
 
     def _handle(self, wave: list) -> None:
         """Apply a wave of messages and answer them. Starts go last (in their order) unless
@@ -350,46 +306,23 @@ class DraftingServicer(drafting_pb2_grpc.DraftingServicer):
         try:
             async for msg in request_iterator:
                 hops.mark("loop.read")
-                self.worker.put((stream, msg))
+                self.worker.inbox.put((stream, msg))
         except (asyncio.CancelledError, grpc.RpcError):
             pass
         finally:
             stream.outbox.put_nowait(_CLOSED)
 
 
-class DraftServer:
-    """The draft server running on its worker's event loop, stopped from any loop."""
-
-    def __init__(self, server: grpc.aio.Server, loop: asyncio.AbstractEventLoop):
-        self._server, self._loop = server, loop
-
-    async def _on_its_loop(self, coro):
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
-
-    async def stop(self, grace: float | None) -> None:
-        await self._on_its_loop(self._server.stop(grace))
-
-    async def wait_for_termination(self) -> None:
-        await self._on_its_loop(self._server.wait_for_termination())
-
-
 async def serve_drafting(worker: DraftWorker, host: str, port: int = 0,
-                         tls: TlsFiles | None = None) -> tuple[DraftServer, int]:
-    """Start a grpc.aio server for the started `worker` on host:port (0 = any free port), on the
-    worker's event loop; returns (server, port).
+                         tls: TlsFiles | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `worker` on host:port (0 = any free port); returns (server, port).
 
     With `tls` (cert, key and CA) it is mutual TLS: verifiers must present a certificate of the CA.
     """
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        drafting_pb2_grpc.add_DraftingServicer_to_server(DraftingServicer(worker), server)
-        bound = bind(server, f"{host}:{port}", tls, "security.internal_tls")
-        if bound == 0:
-            raise OSError(f"cannot bind the draft server to {host}:{port}")
-        await server.start()
-        return server, bound
-
-    if worker.loop is None:
-        raise RuntimeError("start the draft worker before its server")
-    server, bound = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start(), worker.loop))
-    return DraftServer(server, worker.loop), bound
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    drafting_pb2_grpc.add_DraftingServicer_to_server(DraftingServicer(worker), server)
+    bound = bind(server, f"{host}:{port}", tls, "security.internal_tls")
+    if bound == 0:
+        raise OSError(f"cannot bind the draft server to {host}:{port}")
+    await server.start()
+    return server, bound
