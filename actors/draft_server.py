@@ -264,11 +264,11 @@ class DraftWorker:
         t0 = time.perf_counter()
         drafts = self.drafter.propose([DraftRequest(s, pending[s][2], pending[s][3]) for s in seqs])
         seconds = time.perf_counter() - t0
+        hops.mark("worker.sent")  # before the sends: the event loop may write the first at once
         for seq, draft in zip(seqs, drafts):
             stream, wire_id, _, _ = pending[seq]
             stream.send(draft_to_pb(wire_id, draft, self.weight_version, seconds))
             self.drafts_sent += 1
-        hops.mark("worker.sent")
 
 
 def _key(stream: _Stream, msg) -> tuple[int, int]:

@@ -9,7 +9,7 @@ A round trip's hops, in order:
   grpc.take    gRPC's thread takes it from the queue to write it
   loop.read    the drafter's event loop has read it from the stream
   worker.take  the draft worker starts on the wave that holds it
-  worker.sent  the worker has queued the Draft for the stream
+  worker.sent  the worker has the Draft and queues it for the stream
   loop.write   the stream hands the Draft to gRPC to write
   reader.got   the verifier's reader thread has read the Draft
   engine.woke  the engine thread, waiting for drafts in `propose`, has it
