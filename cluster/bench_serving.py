@@ -254,7 +254,7 @@ def in_process_reference(cfg, prompts: list[list[int]], max_tokens: int) -> dict
     from specserve.actors.engine.build import EngineSpec, build_engine
     from specserve.actors.engine.request import make_params
     from specserve.actors.settings import DTYPES, use_threads
-    from specserve.cluster.bench_local import ModeTotals, run_engine
+    from specserve.cluster.bench_local import ModeTotals, _rows as local_rows, run_engine
 
     spec = cfg.speculation
     threads = max(1, round(cfg.verifier.num_cpus))
@@ -274,18 +274,10 @@ def in_process_reference(cfg, prompts: list[list[int]], max_tokens: int) -> dict
     for i, prompt in enumerate(prompts):
         for name in IN_PROCESS[::1 if i % 2 == 0 else -1]:
             run_engine(engines[name], prompt, params, totals[name])
-    plain_tps = totals["in-process-plain"].tokens / totals["in-process-plain"].seconds
-    rows = []
-    for name, t in totals.items():
-        tps = t.tokens / t.seconds
-        row = {"variant": name, "concurrency": 1, "requests": len(t.outputs), "failed": 0,
-               "tokens_per_s": round(tps, 2), "speedup": round(tps / plain_tps, 3),
-               "matches_plain": sum(a == b for a, b in zip(t.outputs, totals["in-process-plain"].outputs))
-               / max(len(t.outputs), 1), "threads": threads}
-        if t.drafted:
-            row.update(acceptance_rate=round(t.accepted / t.drafted, 4),
-                       mean_accepted_length=round((t.accepted + t.steps) / t.steps, 3))
-        rows.append(row)
+    # bench_local's rows (speedup over its "plain"), named as this benchmark's variants
+    rows = [{"variant": IN_PROCESS[0] if row.pop("mode") == "plain" else IN_PROCESS[1], "concurrency": 1,
+             "requests": len(totals[name].outputs), "failed": 0, "threads": threads, **row}
+            for name, row in zip(IN_PROCESS, local_rows({"plain": totals[IN_PROCESS[0]], "model": totals[IN_PROCESS[1]]}))]
     return {"rows": rows}
 
 
