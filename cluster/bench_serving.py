@@ -275,9 +275,9 @@ def in_process_reference(cfg, prompts: list[list[int]], max_tokens: int) -> dict
         for name in IN_PROCESS[::1 if i % 2 == 0 else -1]:
             run_engine(engines[name], prompt, params, totals[name])
     # bench_local's rows (speedup over its "plain"), named as this benchmark's variants
-    rows = [{"variant": IN_PROCESS[0] if row.pop("mode") == "plain" else IN_PROCESS[1], "concurrency": 1,
-             "requests": len(totals[name].outputs), "failed": 0, "threads": threads, **row}
-            for name, row in zip(IN_PROCESS, local_rows({"plain": totals[IN_PROCESS[0]], "model": totals[IN_PROCESS[1]]}))]
+    rows = local_rows({"plain": totals[IN_PROCESS[0]], "model": totals[IN_PROCESS[1]]})  # in that order
+    rows = [{"variant": name, "concurrency": 1, "requests": len(totals[name].outputs), "failed": 0,
+             "threads": threads, **{k: v for k, v in row.items() if k != "mode"}} for name, row in zip(IN_PROCESS, rows)]
     return {"rows": rows}
 
 
